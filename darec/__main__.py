@@ -1,0 +1,5 @@
+import sys
+
+from darec.cli import main
+
+sys.exit(main())

@@ -1,0 +1,131 @@
+"""`darec train`, `darec table`, `darec presets`, `darec demo`."""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from darec.errors import ConfigError
+
+__all__ = ["register", "train_config_from_args"]
+
+log = logging.getLogger("darec")
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="YAML run config (train options, preset, model: {...})")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any option, e.g. --set lr=0.001 --set model.top_k=50 (repeatable)")
+    p.add_argument("--attention-dim", type=int, help="K_A per field (decoupled tables only)")
+    p.add_argument("--top-k", type=int, help="behaviours kept by the search (default 20)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--eval-every", type=int, help="steps between validations (default: 4 per epoch)")
+    p.add_argument("--max-len", type=int, help="history length fed to the model (default: the dataset's)")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(args: argparse.Namespace, **fixed: Any):
+    """Defaults < --config YAML < named flags < --set overrides."""
+    from darec.train.config import TrainConfig, load_run_config
+
+    base = load_run_config(args.config).to_dict() if args.config else TrainConfig().to_dict()
+    model = dict(base.pop("model"))
+    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
+             "eval_every": args.eval_every, "max_len": args.max_len, "device": args.device,
+             "precision": args.precision, **fixed}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    for key, value in (("attention_dim", args.attention_dim), ("top_k", args.top_k),
+                       ("dim", getattr(args, "dim", None))):
+        if value is not None:
+            model[key] = value
+    for item in args.overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
+        value = yaml.safe_load(raw)
+        if key.startswith("model."):
+            model[key[6:]] = value
+        else:
+            base[key.removeprefix("train.")] = value
+    return TrainConfig.from_dict({**base, "model": model})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from darec.models.presets import preset_config  # validates model overrides before training
+    from darec.train.trainer import train
+
+    config = train_config_from_args(args, preset=args.preset, seed=args.seed)
+    preset_config(config.preset, n_items=2, n_categories=2, **config.model)
+    result = train(data=args.data, config=config, out_dir=args.out, resume=not args.no_resume,
+                   progress=not args.no_progress)
+    print(f"{config.preset}: best validation AUC {result['val']['auc']:.5f} at step {result['best_step']}; "
+          f"test AUC {result['test']['auc']:.5f}, GAUC {result['test']['gauc']:.5f}, "
+          f"logloss {result['test']['logloss']:.5f}  ->  {args.out}/result.json")
+    return 0
+
+
+def _table(args: argparse.Namespace) -> int:
+    from darec.train.table import TableSpec, resolve_presets, run_table
+
+    config = train_config_from_args(args)
+    spec = TableSpec(presets=resolve_presets(args.presets), dims=tuple(args.dims), seeds=tuple(args.seeds))
+    run_table(data=args.data, out_dir=args.out, spec=spec, base=config, progress=not args.no_progress)
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def _presets(args: argparse.Namespace) -> int:
+    from darec.models.presets import PRESETS, TABLE1_PRESETS
+
+    for name, preset in PRESETS.items():
+        mark = "*" if name in TABLE1_PRESETS else " "
+        print(f"{mark} {name:<12} {preset.description}")
+    print("\n* = a row of the paper's Table 1 (`--presets table1`); `--presets all` runs every preset")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from darec.demo import run_demo
+
+    print(run_demo(out_dir=args.out, seeds=tuple(args.seeds), presets=tuple(args.presets),
+                   progress=not args.no_progress))
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train one preset on a prepared dataset")
+    p.add_argument("--preset", default="dare", help="see `darec presets` (default dare)")
+    p.add_argument("--data", required=True, type=Path, help="a directory written by `darec prepare`")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="run directory")
+    p.add_argument("--dim", type=int, help="K_R, embedding dim per field (default 16)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
+    _add_run_options(p)
+    p.set_defaults(handler=_train)
+
+    p = sub.add_parser("table", help="Table 1: presets x dims x seeds, mean (std) of test AUC")
+    p.add_argument("--data", required=True, type=Path)
+    p.add_argument("--out", type=Path, default=Path("runs/table"))
+    p.add_argument("--presets", nargs="+", default=["table1"],
+                   help="preset names, `table1` (the paper's rows) or `all`")
+    p.add_argument("--dims", nargs="+", type=int, default=[16, 64, 128])
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    _add_run_options(p)
+    p.set_defaults(handler=_table)
+
+    p = sub.add_parser("presets", help="list the model presets")
+    p.set_defaults(handler=_presets)
+
+    p = sub.add_parser("demo", help="the main job: MovieLens with the paper's protocol, presets compared")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"))
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--presets", nargs="+", default=["table1"])
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(handler=_demo)

@@ -1,0 +1,166 @@
+"""Search (GSU) and target attention (ESU): score every behaviour, keep K, softmax over the kept K.
+
+A search is an `nn.Module` built from a `ModelConfig` by the registry `SEARCHES`, called as
+`search(embeddings, batch, full=...)`, returning an `Interest`. Adding a search (ETA, SDIM, ...)
+means one builder in this registry, never a branch in the model.
+
+Notation: B batch, L history length, K kept behaviours, d_A attention dim per field, E token width.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from darec.data.batch import Batch
+from darec.errors import ConfigError
+from darec.models.config import ModelConfig
+from darec.models.embedding import RoleEmbeddings
+
+__all__ = ["Interest", "SEARCHES", "register_search", "build_search", "DotScore", "MLPScore",
+           "TargetAttention", "masked_softmax", "select_topk", "select_recent_same_category",
+           "select_all", "attend"]
+
+
+@dataclass(frozen=True)
+class Interest:
+    """What a search hands to the head, plus what analyses look at.
+
+    r: (B, E) aggregated history; r_full: (B, E) softmax attention over the whole history (aux head),
+    None when not asked for; index/weights: (B, K) kept positions and their weights; scores: (B, L)
+    attention logits over the whole history (masked positions hold a large negative number).
+    """
+
+    r: torch.Tensor
+    r_full: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+
+
+def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Softmax over valid entries of the last dim; exactly 0 elsewhere, all-zero rows when none is valid."""
+    filled = logits.masked_fill(~valid, torch.finfo(logits.dtype).min)
+    return torch.softmax(filled, dim=-1) * valid
+
+
+class DotScore(nn.Module):
+    """TWIN/DARE score: <q, k> / sqrt(2 d_A) on [item; category] plus a learned bias per position."""
+
+    def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
+        query = emb.semantic("query", batch.target_item, batch.target_category)     # (B, 2 d_A)
+        keys = emb.semantic("key", batch.hist_items, batch.hist_categories)         # (B, L, 2 d_A)
+        scores = torch.einsum("bd,bld->bl", query, keys) / math.sqrt(query.shape[-1])  # (B, L)
+        bias = emb.position_bias()
+        if bias is not None:
+            scores = scores + bias[batch.hist_positions.clamp(max=bias.shape[0] - 1)]
+        return scores
+
+
+class MLPScore(nn.Module):
+    """DIN's activation unit on [q, k, q - k, q * k], divided by the token width as the reference does."""
+
+    def __init__(self, token_dim: int, hidden: int = 36) -> None:
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(4 * token_dim, hidden), nn.PReLU(), nn.Linear(hidden, 1))
+        self.scale = float(token_dim)
+
+    def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
+        query = emb.semantic("query", batch.target_item, batch.target_category)      # (B, 2 d_A)
+        keys = emb.semantic("key", batch.hist_items, batch.hist_categories)          # (B, L, 2 d_A)
+        query = query.unsqueeze(1).expand_as(keys)
+        features = torch.cat([query, keys, query - keys, query * keys], dim=-1)      # (B, L, 8 d_A)
+        return self.mlp(features).squeeze(-1) / self.scale                           # (B, L)
+
+
+def select_topk(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
+    """Soft search: the K highest-scoring real behaviours (padding only when fewer than K exist)."""
+    masked = scores.detach().masked_fill(~batch.mask, torch.finfo(scores.dtype).min)
+    return masked.topk(min(k, scores.shape[-1]), dim=-1).indices                   # (B, K)
+
+
+def select_recent_same_category(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
+    """Hard search: the K most recent behaviours of the target's category, topped up with the most
+    recent others. The score is not used for the choice, only (once) for the weights afterwards."""
+    positions = batch.hist_positions
+    recency = (positions.max() + 1 - positions).to(torch.float32)                  # larger = more recent
+    same = (batch.hist_categories == batch.target_category.unsqueeze(1)).to(torch.float32)
+    key = torch.where(batch.mask, recency + same * (positions.max() + 2), -1.0)
+    return key.topk(min(k, scores.shape[-1]), dim=-1).indices                      # (B, K)
+
+
+def select_all(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
+    """No search: keep the whole history (full-sequence attention, e.g. DIN as published)."""
+    return torch.arange(scores.shape[-1], device=scores.device).expand_as(scores)  # (B, L)
+
+
+def attend(emb: RoleEmbeddings, batch: Batch, logits: torch.Tensor, index: torch.Tensor | None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax the logits at `index` (all positions when None) and sum the value tokens there.
+
+    Values are looked up only at the kept positions, so the representation path costs O(B K E)."""
+    if index is None:
+        items, cats, pos, valid = batch.hist_items, batch.hist_categories, batch.hist_positions, batch.mask
+    else:
+        items, cats, pos, valid = (t.gather(1, index) for t in
+                                   (batch.hist_items, batch.hist_categories, batch.hist_positions, batch.mask))
+        logits = logits.gather(1, index)                                            # (B, K)
+    weights = masked_softmax(logits, valid)                                         # (B, K)
+    values = emb.values(items, cats, pos)                                           # (B, K, E)
+    return torch.einsum("bk,bke->be", weights, values), weights
+
+
+class TargetAttention(nn.Module):
+    """Score all L behaviours, select K of them, softmax over the selected K (TWIN's consistent
+    search and attention; DARE is the same module on decoupled tables)."""
+
+    def __init__(self, *, scorer: nn.Module, select: Callable[[torch.Tensor, Batch, int], torch.Tensor],
+                 top_k: int) -> None:
+        super().__init__()
+        self.scorer, self.select, self.top_k = scorer, select, top_k
+
+    def forward(self, emb: RoleEmbeddings, batch: Batch, *, full: bool = False) -> Interest:
+        scores = self.scorer(emb, batch)                                            # (B, L)
+        index = self.select(scores, batch, self.top_k)                              # (B, K)
+        r, weights = attend(emb, batch, scores, index)
+        r_full = attend(emb, batch, scores, None)[0] if full else None
+        return Interest(r=r, r_full=r_full, index=index, weights=weights, scores=scores)
+
+
+SearchBuilder = Callable[[ModelConfig], nn.Module]
+SEARCHES: dict[str, SearchBuilder] = {}
+
+
+def register_search(name: str) -> Callable[[SearchBuilder], SearchBuilder]:
+    def wrap(builder: SearchBuilder) -> SearchBuilder:
+        SEARCHES[name] = builder
+        return builder
+    return wrap
+
+
+def _scorer(config: ModelConfig) -> nn.Module:
+    return DotScore() if config.score == "dot" else MLPScore(2 * config.attn_dim)
+
+
+@register_search("topk")
+def _topk(config: ModelConfig) -> nn.Module:
+    return TargetAttention(scorer=_scorer(config), select=select_topk, top_k=config.top_k)
+
+
+@register_search("hard")
+def _hard(config: ModelConfig) -> nn.Module:
+    return TargetAttention(scorer=_scorer(config), select=select_recent_same_category, top_k=config.top_k)
+
+
+@register_search("full")
+def _full(config: ModelConfig) -> nn.Module:
+    return TargetAttention(scorer=_scorer(config), select=select_all, top_k=config.top_k)
+
+
+def build_search(config: ModelConfig) -> nn.Module:
+    if config.search not in SEARCHES:
+        raise ConfigError(f"unknown search {config.search!r}; known: {sorted(SEARCHES)}")
+    return SEARCHES[config.search](config)
