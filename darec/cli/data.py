@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from darec.errors import ConfigError
 
 __all__ = ["register"]
-
-log = logging.getLogger(__name__)
 
 
 def _protocol_args(parser: argparse.ArgumentParser) -> None:
@@ -97,12 +94,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     synth = subparsers.add_parser("synth", help="generate planted synthetic data and prepare it")
     synth.add_argument("--out", type=Path, required=True)
-    synth.add_argument("--users", type=int, default=300)
-    synth.add_argument("--items", type=int, default=2000)
-    synth.add_argument("--categories", type=int, default=30)
-    synth.add_argument("--mean-length", type=int, default=260)
-    synth.add_argument("--decay-rate", type=float, default=0.3)
-    synth.add_argument("--synth-seed", type=int, default=0, help="generator seed (--seed is the sampling seed)")
+    from darec.data.synthetic import SyntheticConfig
+    planted = SyntheticConfig()  # one source of truth for the generator's defaults
+    synth.add_argument("--users", type=int, default=planted.n_users)
+    synth.add_argument("--items", type=int, default=planted.n_items)
+    synth.add_argument("--categories", type=int, default=planted.n_categories)
+    synth.add_argument("--mean-length", type=int, default=planted.mean_length)
+    synth.add_argument("--decay-rate", type=float, default=planted.decay_rate)
+    synth.add_argument("--synth-seed", type=int, default=planted.seed,
+                       help="generator seed (--seed is the sampling seed)")
     _protocol_args(synth)
     synth.set_defaults(handler=_run_synth)
 

@@ -102,25 +102,24 @@ def _read_delimited(path: Path, *, fields: Sequence[_Field], header: bool, separ
         n_bad = -1
     if n_bad == 0:
         return frame, 0
-    frame, n_skipped = _diagnose(path, fields=fields, header=header, separator=separator, valid=valid,
+    frame, n_skipped = _diagnose(path, fields=fields, header=header, separator=separator, valid=valid, keep=keep,
                                  skip_bad_rows=skip_bad_rows)
     return (frame if keep is None else frame.filter(keep)), n_skipped
 
 
 def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: str, valid: _Valid,
-              skip_bad_rows: bool) -> tuple[pl.DataFrame, int]:
+              keep: pl.Expr | None, skip_bad_rows: bool) -> tuple[pl.DataFrame, int]:
     """Re-read `path` as raw lines; name the first bad one or (skip mode) parse only the good ones.
 
-    Cost: the file is held as one string column, so this is several times slower and larger than the
-    fast path; it runs only on bad input.
+    Cost: every line is split as a string (streaming, so memory stays bounded), several times slower than
+    the fast path; it runs only on bad input. The why/where of a bad row is worked out for bad rows only.
     """
     lines = (pl.scan_csv(path, has_header=False, schema={"_line": pl.String}, separator="\x1f", quote_char=None)
              .with_row_index("_row").filter(pl.col("_row") >= int(header), pl.col("_line").is_not_null()))
     parts = pl.col("_line").str.strip_chars_end("\r").str.split(separator)
     exprs, problems = [], []
     n_fields = parts.list.len()
-    problems.append((n_fields != len(fields), pl.lit(f"wrong number of columns (expected {len(fields)})"),
-                     pl.lit(None, pl.String), pl.col("_line")))
+    problems.append((n_fields != len(fields), f"wrong number of columns (expected {len(fields)})", None, pl.col("_line")))
     for i, f in enumerate(fields):
         raw = parts.list.get(i, null_on_oob=True)
         if isinstance(f.kind, tuple):
@@ -136,31 +135,33 @@ def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: 
             why = f"not an integer in the {f.kind} range"
         exprs.append(parsed.cast(f.dtype).alias(f.name))
         if f.required:
-            problems.append((parsed.is_null() & (raw.is_not_null() | (n_fields == len(fields))),
-                             pl.lit(why), pl.lit(f.shown), raw))
-    reason = column = value = pl.lit(None, pl.String)
-    for cond, why, col, val in reversed(problems):  # first failing check wins
-        reason = pl.when(cond).then(why).otherwise(reason)
-        column = pl.when(cond).then(col).otherwise(column)
-        value = pl.when(cond).then(val).otherwise(value)
-    checked = lines.with_columns(*exprs).with_columns(_reason=reason, _column=column, _value=value)
+            problems.append((pl.col(f.name).is_null(), why, f.shown, raw))
     if valid is not None:
-        out_of_range = pl.col("_reason").is_null() & ~valid[1].fill_null(True)
         shown = next(f.shown for f in fields if f.name == valid[0])
-        checked = checked.with_columns(
-            _reason=pl.when(out_of_range).then(pl.lit("value out of range")).otherwise(pl.col("_reason")),
-            _column=pl.when(out_of_range).then(pl.lit(shown)).otherwise(pl.col("_column")),
-            _value=pl.when(out_of_range).then(pl.col(valid[0]).cast(pl.String)).otherwise(pl.col("_value")))
-    checked = checked.collect()
-    bad = checked.filter(pl.col("_reason").is_not_null())
-    if bad.height and not skip_bad_rows:
-        first = bad.row(0, named=True)
-        raise DataError(f"bad row: {first['_reason']}", path=path, line=first["_row"] + 1,
-                        column=first["_column"], value=first["_value"] if first["_value"] is not None else first["_line"])
-    if bad.height:
-        log.warning("skipped %d bad rows of %s (first: line %d)", bad.height, path, bad["_row"][0] + 1)
-    good = checked.filter(pl.col("_reason").is_null()).select([f.name for f in fields])
-    return good, bad.height
+        problems.append((~valid[1].fill_null(True), "value out of range", shown, pl.col(valid[0]).cast(pl.String)))
+    checked = lines.with_columns(*exprs).with_columns(_bad=pl.any_horizontal([p[0] for p in problems]))
+    if not skip_bad_rows:
+        first = checked.filter(pl.col("_bad")).head(1).collect(engine="streaming")
+        if first.height:
+            raise _located(first, problems, path)
+        return checked.drop("_line", "_bad", "_row").collect(engine="streaming"), 0
+    wanted = pl.col("_bad") if keep is None else (pl.col("_bad") | keep)
+    rows = checked.filter(wanted).drop("_line").collect(engine="streaming")
+    n_bad = int(rows["_bad"].sum())
+    if n_bad:
+        log.warning("skipped %d bad rows of %s (first: line %d)", n_bad, path,
+                    rows.filter(pl.col("_bad"))["_row"][0] + 1)
+    return rows.filter(~pl.col("_bad")).select([f.name for f in fields]), n_bad
+
+
+def _located(first: pl.DataFrame, problems: list, path: Path) -> DataError:
+    """The first failing check of a bad row (checks are in column order) as a DataError."""
+    for cond, why, column, value in problems:
+        hit = first.select(cond.alias("hit"), value.cast(pl.String).alias("value"))
+        if hit["hit"][0]:
+            return DataError(f"bad row: {why}", path=path, line=first["_row"][0] + 1, column=column,
+                             value=hit["value"][0] if hit["value"][0] is not None else first["_line"][0])
+    return DataError("bad row", path=path, line=first["_row"][0] + 1, value=first["_line"][0])
 
 
 def _finish(frame: pl.DataFrame, *, source: str, paths: Sequence[Path], n_skipped: int) -> RawEvents:

@@ -38,7 +38,7 @@ class SyntheticConfig:
     """Size and signal of a planted log. Every length is >= `min_length` (default 215 > the 210 filter)."""
 
     n_users: int = 300
-    n_items: int = 2000
+    n_items: int = 300  # few items per category: item identity carries signal, as in Taobao
     n_categories: int = 30
     mean_length: int = 260
     min_length: int = 215

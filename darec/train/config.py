@@ -34,6 +34,7 @@ class TrainConfig:
     precision: str = "fp32"           # fp32 | bf16 (autocast)
     sparse_optimizer: bool = False    # row-sparse Adam on embedding tables (large vocabularies)
     compile: bool = False             # torch.compile the model
+    deterministic: bool = True        # deterministic kernels: a resumed run equals an uninterrupted one
 
     def __post_init__(self) -> None:
         for name in ("lr", "batch_size", "eval_batch_size", "epochs"):

@@ -115,7 +115,7 @@ def markdown_table(rows: list[dict[str, Any]], spec: TableSpec, manifest: dict[s
     """Test AUC mean (std over seeds) per preset and embedding dim; the best mean per column in bold."""
     lines = [f"# Test AUC, mean (std) over seeds {list(spec.seeds)}", "",
              f"Dataset: `{manifest.get('source', '?')}`, {manifest.get('n_users', '?')} users, "
-             f"content hash `{str(manifest.get('content_hash', ''))[:12]}`.", ""]
+             f"content hash `{str(manifest.get('content_sha256', ''))[:12]}`.", ""]
     header = "| Setup | " + " | ".join(f"dim = {d}" for d in spec.dims) + " |"
     lines += [header, "|---|" + "---|" * len(spec.dims)]
     best = {d: max(r["auc_mean"] for r in rows if r["dim"] == d) for d in spec.dims}

@@ -157,6 +157,9 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     model_config = model_config_for(dataset, config)
     max_len = model_config.max_len
 
+    # CPU embedding backward accumulates in a thread-dependent order unless asked not to; on CUDA
+    # some kernels have no deterministic variant, hence warn_only.
+    torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     torch.manual_seed(config.seed)
     model = build_model(model_config).to(device)
     optimizers = Optimizers(model, config, device)

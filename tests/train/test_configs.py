@@ -1,0 +1,38 @@
+"""Every shipped YAML config loads and builds its model; every preset builds on a tiny vocabulary."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from darec.cli import main
+from darec.errors import ConfigError
+from darec.models import build_model, preset_config
+from darec.train.config import TrainConfig, load_run_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "darec" / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_loads_and_builds(path):
+    config = load_run_config(path)
+    build_model(preset_config(config.preset, n_items=20, n_categories=5, **config.model))
+
+
+def test_there_are_shipped_configs():
+    assert len(CONFIGS) >= 3
+
+
+def test_unknown_option_is_an_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("lr: 0.1\nlearning_rate: 0.2\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_run_config(bad)
+    with pytest.raises(ConfigError, match="batch_size"):
+        TrainConfig(batch_size=0)
+
+
+def test_cli_reports_bad_override_without_traceback(capsys, tmp_path):
+    code = main(["train", "--data", str(tmp_path), "--set", "model.not_a_field=3"])
+    assert code == 2
+    assert "not_a_field" in capsys.readouterr().err
