@@ -11,7 +11,7 @@ from darec.errors import DarecError
 __all__ = ["main"]
 
 # Each module defines `register(subparsers)`; a subcommand's handler is set with `set_defaults(handler=...)`.
-_COMMAND_MODULES = ("darec.cli.data", "darec.cli.train")
+_COMMAND_MODULES = ("darec.cli.data", "darec.cli.train", "darec.cli.serve", "darec.cli.analysis")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -49,9 +49,20 @@ register_preset("din", "DIN as the reference runs it: MLP attention, no position
                 tables="shared", score="mlp", use_position=False)
 register_preset("din_full", "DIN as published: MLP attention over the whole sequence",
                 tables="shared", score="mlp", use_position=False, search="full")
+register_preset("eta", "ETA: SimHash (32 bits) top-K by Hamming distance, target attention over the K, TR",
+                tables="shared", search="eta")
+register_preset("sdim", "SDIM: 48 SimHash buckets of 3 bits, L2-normalised sums of colliding behaviours, TR",
+                tables="shared", search="sdim", aux_head=False)
+register_preset("twin_v2", "TWIN-V2: history clustered into virtual items (cap 8), size-aware attention",
+                tables="shared", search="twin_v2")
+register_preset("sim_hard", "SIM (hard): same-category GSU, ESU target attention on the representation",
+                tables="shared", search="sim_hard", aux_head=False)
+register_preset("sim_soft", "SIM (soft): inner-product GSU on its own tables (aux-trained), separate ESU",
+                tables="decoupled", search="sim_soft")
 
 # The rows of the paper's Table 1 that come from the DARE/TWIN family, in the paper's order.
-TABLE1_PRESETS = ("din", "twin", "twin_hard", "twin_proj", "twin_no_tr", "twin_4e", "dare")
+TABLE1_PRESETS = ("eta", "sdim", "din", "twin", "twin_hard", "twin_proj", "twin_no_tr", "twin_v2",
+                  "twin_4e", "dare")
 
 
 def preset_config(name: str, *, n_items: int, n_categories: int, **overrides: Any) -> ModelConfig:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +28,8 @@ from darec.models.config import ModelConfig
 from darec.train.config import TrainConfig
 from darec.train.metrics import evaluate_predictions
 
-__all__ = ["train", "evaluate", "predict", "model_config_for", "resolve_device", "Optimizers"]
+__all__ = ["train", "train_step", "evaluate", "predict", "model_config_for", "resolve_device", "Optimizers",
+           "RowSparseAdam", "regularised_weights"]
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,44 @@ def model_config_for(dataset: PreparedDataset, config: TrainConfig) -> ModelConf
                          **{"max_len": max_len, **config.model})
 
 
+class RowSparseAdam(torch.optim.Optimizer):
+    """`torch.optim.SparseAdam`'s update (moments and weights change only on the rows a batch touched),
+    computed on a dense (rows, d) block: one `unique` + `index_add_` per table instead of sparse-tensor
+    arithmetic. Same numbers; measured ~2x faster per step on CPU (docs/performance.md)."""
+
+    def __init__(self, params: list[torch.nn.Parameter], *, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        super().__init__(params, {"lr": lr, "betas": betas, "eps": eps})
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                if not param.grad.is_sparse:
+                    raise ConfigError("RowSparseAdam needs sparse gradients (nn.Embedding(sparse=True))")
+                state = self.state[param]
+                if not state:
+                    state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+                state["step"] += 1
+                grad = param.grad
+                rows, inverse = torch.unique(grad._indices()[0], return_inverse=True)       # (R,), (nnz,)
+                g = grad._values().new_zeros(len(rows), param.shape[1]).index_add_(0, inverse, grad._values())
+                m = state["exp_avg"].index_select(0, rows)                                 # (R, d)
+                v = state["exp_avg_sq"].index_select(0, rows)                              # (R, d)
+                m.add_((g - m).mul_(1 - beta1))
+                v.add_((g * g - v).mul_(1 - beta2))
+                state["exp_avg"].index_copy_(0, rows, m)
+                state["exp_avg_sq"].index_copy_(0, rows, v)
+                step_size = group["lr"] * math.sqrt(1 - beta2 ** state["step"]) / (1 - beta1 ** state["step"])
+                param.index_add_(0, rows, m.div_(v.sqrt_().add_(group["eps"])).mul_(-step_size))
+
+
 class Optimizers:
-    """Adam over everything, or (sparse_optimizer) SparseAdam over embedding rows touched by the batch
-    plus Adam over the rest: far less memory traffic when the vocabulary is large."""
+    """Adam over everything, or (sparse_optimizer) row-sparse Adam over embedding rows touched by the
+    batch plus Adam over the rest: far less memory traffic when the vocabulary is large."""
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
         fused = device.type == "cuda"
@@ -60,7 +97,7 @@ class Optimizers:
             sparse_ids = {id(m.weight) for m in embeddings}
             dense = [p for p in model.parameters() if id(p) not in sparse_ids]
             self.all = [torch.optim.Adam(dense, lr=config.lr, fused=fused),
-                        torch.optim.SparseAdam([m.weight for m in embeddings], lr=config.lr)]
+                        RowSparseAdam([m.weight for m in embeddings], lr=config.lr)]
         else:
             self.all = [torch.optim.Adam(model.parameters(), lr=config.lr, fused=fused)]
 
@@ -80,7 +117,7 @@ class Optimizers:
             opt.load_state_dict(state)
 
 
-def _l2_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+def regularised_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The reference regularises every weight except biases and embedding tables."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     return [p for name, p in model.named_parameters() if "bias" not in name and id(p) not in embedding_ids]
@@ -117,6 +154,25 @@ def evaluate(model: TwoStageModel, loader: BatchLoader, *, device: torch.device,
     p = predict(model, loader, device=device, precision=precision)
     return evaluate_predictions(labels=p["labels"], logits=p["logits"], users=p["users"],
                                 categories=p["categories"])
+
+
+def train_step(forward: torch.nn.Module, batch: Any, *, optimizers: Optimizers, config: TrainConfig,
+               l2_weights: list[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
+    """One optimisation step (forward, main + aux + L2 loss, backward, update); returns the detached loss.
+
+    Shared by `train` and benchmarks/train_throughput.py, so the benchmark measures this exact path."""
+    with _autocast(device, config.precision):
+        out = forward(batch)
+        loss = F.binary_cross_entropy_with_logits(out.logit.float(), batch.label)
+        if out.aux_logit is not None:
+            loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(
+                out.aux_logit.float(), batch.label)
+        if config.l2 > 0:
+            loss = loss + config.l2 * torch.stack([w.pow(2).sum() for w in l2_weights]).sum()
+    optimizers.zero_grad()
+    loss.backward()
+    optimizers.step()
+    return loss.detach()
 
 
 def _rng_state() -> dict[str, Any]:
@@ -164,7 +220,7 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     model = build_model(model_config).to(device)
     optimizers = Optimizers(model, config, device)
     forward = torch.compile(model) if config.compile else model
-    l2_weights = _l2_weights(model)
+    l2_weights = regularised_weights(model)
     train_loader = BatchLoader(dataset, "train", batch_size=config.batch_size, shuffle=True,
                                seed=config.seed, max_len=max_len, device=device)
     val_loader = BatchLoader(dataset, "val", batch_size=config.eval_batch_size, shuffle=False,
@@ -199,18 +255,9 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     try:
         window_loss, window_n, tick = 0.0, 0, time.perf_counter()
         for epoch, index, batch in _steps(train_loader, config.epochs, state["epoch"], state["batch"]):
-            with _autocast(device, config.precision):
-                out = forward(batch)
-                loss = F.binary_cross_entropy_with_logits(out.logit.float(), batch.label)
-                if out.aux_logit is not None:
-                    loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(
-                        out.aux_logit.float(), batch.label)
-                if config.l2 > 0:
-                    loss = loss + config.l2 * torch.stack([w.pow(2).sum() for w in l2_weights]).sum()
-            optimizers.zero_grad()
-            loss.backward()
-            optimizers.step()
-            window_loss = window_loss + loss.detach()  # stays on the device: no sync per step
+            loss = train_step(forward, batch, optimizers=optimizers, config=config, l2_weights=l2_weights,
+                              device=device)
+            window_loss = window_loss + loss  # stays on the device: no sync per step
             window_n += 1
             state.update(step=state["step"] + 1, samples=state["samples"] + len(batch))
             state["epoch"], state["batch"] = (epoch, index + 1) if index + 1 < steps_per_epoch else (epoch + 1, 0)

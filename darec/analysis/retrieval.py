@@ -1,0 +1,151 @@
+"""Retrieval quality of the search (DARE paper Fig. 9): NDCG@k of each model's ranking of a test sample's
+history against the mutual-information ground truth of each position, plus case studies.
+
+Relevance of history position j of a test sample with target category t = MI(c_j at p_j; label | t),
+counted on the training split. Rankings use the model's real search scores (items included).
+NDCG@k = DCG@k / IDCG@k with both at the same k (the reference divides by IDCG@20 for every k; that
+variant is reported too as `dcg_over_idcg20`).
+
+Notation: B test samples, L history length, K the largest k.
+"""
+from __future__ import annotations
+
+import logging
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from darec.analysis.attention import DEFAULT_PRESETS
+from darec.analysis.common import (AnalysisContext, load_model, save_figure, search_scores, test_batches,
+                                   trained_run, write_analysis)
+from darec.analysis.groundtruth import count_cooccurrence
+
+__all__ = ["dcg_curve", "ndcg_curve", "position_relevance", "run_retrieval"]
+
+log = logging.getLogger(__name__)
+
+
+def dcg_curve(scores: np.ndarray, relevance: np.ndarray, max_k: int) -> np.ndarray:
+    """(B, K) DCG@1..K of the ranking by `scores` (descending; -inf ranks last), gain = relevance."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :max_k]                  # (B, K)
+    gains = np.take_along_axis(relevance, order, axis=1)                           # (B, K)
+    discount = 1.0 / np.log2(np.arange(2, gains.shape[1] + 2))
+    curve = np.cumsum(gains * discount, axis=1)
+    if curve.shape[1] < max_k:  # fewer positions than k: the curve stays flat
+        curve = np.concatenate([curve, np.repeat(curve[:, -1:], max_k - curve.shape[1], axis=1)], axis=1)
+    return curve
+
+
+def ndcg_curve(scores: np.ndarray, relevance: np.ndarray, max_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, K) NDCG@k normalised at the same k, and (B, K) DCG@k / IDCG@min(20, K) (the reference's variant).
+    Rows whose ideal DCG is 0 are NaN."""
+    dcg = dcg_curve(scores, relevance, max_k)
+    ideal = dcg_curve(relevance, relevance, max_k)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ndcg = np.where(ideal > 0, dcg / ideal, np.nan)
+        at20 = ideal[:, min(20, max_k) - 1:min(20, max_k)]
+        ref = np.where(at20 > 0, dcg / at20, np.nan)
+    return ndcg, ref
+
+
+def position_relevance(mi: np.ndarray, rows: np.ndarray, *, hist_categories: np.ndarray,
+                       hist_positions: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(B, L) MI of each history position for its sample's target row (0 at padding or uncounted targets)."""
+    safe_rows = np.maximum(rows, 0)[:, None]
+    rel = mi[safe_rows, hist_categories, np.minimum(hist_positions, mi.shape[2] - 1)]      # (B, L)
+    return np.where(mask & (rows >= 0)[:, None], rel, 0.0)
+
+
+def _case_study(path, *, categories, relevance, scores, retrieved, title) -> None:
+    """Rows: ground truth and each model; columns: the 10 most recent behaviours (position 1 first)."""
+    names = ["ground truth (MI)"] + list(scores)
+    rows = [relevance] + [np.where(np.isfinite(r), r, np.nan) for r in scores.values()]
+    grid = np.stack([np.nan_to_num((r - np.nanmin(r)) / (np.nanmax(r) - np.nanmin(r) or 1.0)) if np.isfinite(r).any()
+                     else np.zeros_like(r) for r in rows])
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.6))
+    ax.imshow(grid, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    for i, name in enumerate(names[1:], 1):
+        for j in np.flatnonzero(retrieved[name]):
+            ax.text(j, i, "x", ha="center", va="center", color="red", fontsize=9)
+    ax.set(xticks=range(len(categories)), yticks=range(len(names)), title=title,
+           xlabel="history category (position 1 = most recent, left); x = retrieved")
+    ax.set_xticklabels([f"{c}\np{j + 1}" for j, c in enumerate(categories)], fontsize=7)
+    ax.set_yticklabels(names, fontsize=8)
+    save_figure(fig, path)
+
+
+def run_retrieval(ctx: AnalysisContext, *, max_k: int = 50, min_support: int = 30, n_cases: int = 3) -> dict:
+    """NDCG curves over test samples whose target category has >= `min_support` training samples."""
+    dataset = ctx.dataset
+    out = ctx.kind_dir("retrieval")
+    counts = count_cooccurrence(dataset)
+    mi = counts.mutual_information()                                                       # (C, C, P+1)
+    supported = counts.support() >= min_support
+    presets = ctx.presets_or(DEFAULT_PRESETS)
+    scores, relevance, hist = {}, [], []
+    for preset in presets:
+        model = load_model(trained_run(ctx, preset).run_dir)
+        parts = []
+        for batch in test_batches(dataset, model):
+            parts.append(search_scores(model, batch).numpy())
+            if preset == presets[0]:
+                rows = counts.row_of(batch.target_category.numpy())
+                rows = np.where(supported[np.maximum(rows, 0)] & (rows >= 0), rows, -1)
+                relevance.append(position_relevance(mi, rows, hist_categories=batch.hist_categories.numpy(),
+                                                    hist_positions=batch.hist_positions.numpy(),
+                                                    mask=batch.mask.numpy()))
+                hist.append((batch.hist_categories.numpy(), batch.target_category.numpy()))
+        scores[preset] = (np.concatenate(parts), model.config.top_k)
+    relevance = np.concatenate(relevance)
+    curves, per_sample = {}, {}
+    keep = None
+    for preset, (s, _) in scores.items():
+        ndcg, ref = ndcg_curve(s, relevance, max_k)
+        keep = np.isfinite(ndcg[:, 0]) if keep is None else keep
+        per_sample[preset] = ndcg
+        curves[preset] = {"ndcg": np.nanmean(ndcg[keep], axis=0), "dcg_over_idcg20": np.nanmean(ref[keep], axis=0)}
+    ks = np.arange(1, max_k + 1)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for preset, c in curves.items():
+        axes[0].plot(ks, c["ndcg"], label=preset)
+        axes[1].plot(ks, c["dcg_over_idcg20"], label=preset)
+    axes[0].set(xlabel="behaviours returned by search (k)", ylabel="NDCG@k (normalised at k)",
+                title=f"retrieval vs MI ground truth ({int(keep.sum())} test samples)")
+    axes[1].set(xlabel="k", ylabel="DCG@k / IDCG@20", title="the reference's normalisation")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    save_figure(fig, out / "ndcg.png")
+    cases = _cases(out, presets=presets, per_sample=per_sample, scores=scores, relevance=relevance, hist=hist,
+                   keep=keep, n_cases=n_cases)
+    log.info("retrieval NDCG@10: %s", {p: round(float(c["ndcg"][min(10, max_k) - 1]), 3) for p, c in curves.items()})
+    return write_analysis(ctx, "retrieval", {
+        "k": ks, "samples": int(keep.sum()), "min_support": min_support, "curves": curves,
+        "ndcg_at": {p: {str(k): float(c["ndcg"][k - 1]) for k in (1, 5, 10, 20, 50) if k <= max_k}
+                    for p, c in curves.items()},
+        "case_studies": cases})
+
+
+def _cases(out, *, presets, per_sample, scores, relevance, hist, keep, n_cases) -> list[dict]:
+    """Samples where the first preset's NDCG@10 beats the best other one by the widest margin."""
+    at10 = {p: np.nan_to_num(v[:, min(10, v.shape[1]) - 1], nan=-1.0) for p, v in per_sample.items()}
+    rivals = [at10[p] for p in presets[1:]] or [np.zeros_like(at10[presets[0]])]
+    margin = np.where(keep, at10[presets[0]] - np.max(rivals, axis=0), -np.inf)
+    cats = np.concatenate([h[0] for h in hist])
+    targets = np.concatenate([h[1] for h in hist])
+    cases = []
+    for rank, i in enumerate(np.argsort(-margin, kind="stable")[:n_cases]):
+        if not np.isfinite(margin[i]):
+            break
+        recent = slice(None, -11, -1)                                                  # last 10 slots, newest first
+        shown = {p: s[i][recent] for p, (s, _) in scores.items()}
+        retrieved = {}
+        for p, (s, top_k) in scores.items():
+            top = np.argsort(-s[i], kind="stable")[:top_k]
+            retrieved[p] = np.isin(np.arange(s.shape[1])[recent], top)
+        _case_study(out / f"case_{rank}.png", categories=cats[i][recent], relevance=relevance[i][recent],
+                    scores=shown, retrieved=retrieved,
+                    title=f"test sample {i}, target category {targets[i]}")
+        cases.append({"sample": int(i), "target_category": int(targets[i]), "figure": f"case_{rank}.png",
+                      "ndcg_at_10": {p: float(at10[p][i]) for p in presets}})
+    return cases

@@ -1,0 +1,174 @@
+"""Locality-sensitive hashing searches: ETA (Chen et al., 2021) and SDIM (Cao et al., 2022).
+
+Both hash the attention embeddings [item; category] (query role for the target, key role for the
+history) with SimHash: sign(x @ P) for random Gaussian hyperplanes P, whose bit agreement rate
+estimates 1 - angle / pi. P is drawn once from a private generator seeded by the `seed` option and
+stored as a registered *buffer*, so it is saved in the state dict and identical at evaluation
+(LongCTR re-draws it every forward pass, peers.md §1.10).
+
+- ETA: top-K behaviours by Hamming distance to the target's signature (ties: most recent first;
+  padding never while K real behaviours exist), then TWIN's target attention over the K.
+- SDIM: m hashes of tau bits; a behaviour counts for hash h when its tau-bit bucket equals the target's;
+  per hash the matching value tokens are summed and L2-normalised, then averaged over hashes. No top-K.
+
+Notation: B batch, L history length, K kept behaviours, D = 2 d_A hashed width, W packed words,
+m hashes, E token width.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from darec.data.batch import Batch
+from darec.errors import ConfigError
+from darec.models.config import ModelConfig
+from darec.models.embedding import RoleEmbeddings
+from darec.models.search import DotScore, Interest, attend, register_search
+from darec.models.split_search import SplitSearch, search_options
+
+__all__ = ["random_hyperplanes", "sign_bits", "pack_bits", "popcount", "hamming", "HammingScore",
+           "select_nearest_codes", "bucket_ids", "bucket_sums", "SDIMSearch", "WORD_BITS"]
+
+WORD_BITS = 32  # bits per packed int64 word: values stay < 2^32, so shifts and the popcount are sign-safe
+
+
+def random_hyperplanes(dim: int, bits: int, *, seed: int) -> torch.Tensor:
+    """(dim, bits) N(0, 1) hyperplanes from a private generator (the global RNG is left untouched)."""
+    return torch.randn(dim, bits, generator=torch.Generator().manual_seed(seed))
+
+
+def sign_bits(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """SimHash bits of x (..., D) under planes (D, bits): (..., bits) bool, True where x . p > 0."""
+    return (x.detach().to(planes.dtype) @ planes) > 0
+
+
+def pack_bits(bits: torch.Tensor) -> torch.Tensor:
+    """(..., n) bool -> (..., ceil(n / 32)) int64, bit j of word w = bits[..., 32 w + j]."""
+    n = bits.shape[-1]
+    words = -(-n // WORD_BITS)
+    padded = F.pad(bits.to(torch.int64), (0, words * WORD_BITS - n))
+    weights = 1 << torch.arange(WORD_BITS, device=bits.device, dtype=torch.int64)        # (32,)
+    return (padded.unflatten(-1, (words, WORD_BITS)) * weights).sum(-1)                  # (..., W)
+
+
+def popcount(words: torch.Tensor) -> torch.Tensor:
+    """Set bits of each int64 word holding a value < 2^32 (SWAR bit tricks; torch has no popcount)."""
+    x = words - ((words >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return ((x * 0x01010101) & 0xFFFFFFFF) >> 24
+
+
+def hamming(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Hamming distance between packed codes: query (B, W), keys (B, L, W) -> (B, L) int64."""
+    return popcount(torch.bitwise_xor(keys, query.unsqueeze(1))).sum(-1)                # (B, L)
+
+
+class HammingScore(nn.Module):
+    """ETA's GSU score: minus the Hamming distance between SimHash signatures of the attention
+    embeddings. Costs O(L D bits) to hash here; in serving the history's codes are cached per item."""
+
+    def __init__(self, *, dim: int, bits: int, seed: int) -> None:
+        super().__init__()
+        self.register_buffer("planes", random_hyperplanes(dim, bits, seed=seed))        # (D, bits)
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """Packed signatures of x (..., D): (..., W) int64."""
+        return pack_bits(sign_bits(x, self.planes))
+
+    def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
+        query = self.codes(emb.semantic("query", batch.target_item, batch.target_category))  # (B, W)
+        keys = self.codes(emb.semantic("key", batch.hist_items, batch.hist_categories))      # (B, L, W)
+        return -hamming(query, keys).to(torch.float32)                                       # (B, L)
+
+
+def select_nearest_codes(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
+    """Top-K of integer-valued scores (minus Hamming), ties to the most recent, padding last: (B, K).
+
+    One float key: score * (P + 1) - position, with P the largest position, so a score step of 1
+    always outweighs any recency difference (exact in float32 up to 2^24 / (P + 1) bits)."""
+    span = float(batch.hist_positions.max().item()) + 1.0
+    key = scores.detach().to(torch.float32) * span - batch.hist_positions.to(torch.float32)
+    key = key.masked_fill(~batch.mask, torch.finfo(torch.float32).min)
+    return key.topk(min(k, scores.shape[-1]), dim=-1).indices                            # (B, K)
+
+
+def bucket_ids(bits: torch.Tensor, *, hashes: int) -> torch.Tensor:
+    """(..., m * tau) bool -> (..., m) int64 bucket of each tau-bit hash, in [0, 2^tau)."""
+    grouped = bits.unflatten(-1, (hashes, -1)).to(torch.int64)                            # (..., m, tau)
+    weights = 1 << torch.arange(grouped.shape[-1], device=bits.device, dtype=torch.int64)
+    return (grouped * weights).sum(-1)                                                    # (..., m)
+
+
+def bucket_sums(buckets: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, *, n_buckets: int
+                ) -> torch.Tensor:
+    """Per hash and bucket, the sum of the real behaviours' values: (B, m, n_buckets, E).
+
+    buckets (B, L, m), values (B, L, E), mask (B, L). This is SDIM's serving form: computed once per
+    user, after which any target costs m lookups, independent of L. O(B L m E) to build."""
+    b, length, m = buckets.shape
+    flat = (buckets + n_buckets * torch.arange(m, device=buckets.device)).flatten(1)      # (B, L m)
+    src = (values * mask.unsqueeze(-1)).unsqueeze(2).expand(b, length, m, values.shape[-1])
+    out = values.new_zeros(b, m * n_buckets, values.shape[-1])
+    out.scatter_add_(1, flat.unsqueeze(-1).expand(-1, -1, values.shape[-1]), src.flatten(1, 2))
+    return out.unflatten(1, (m, n_buckets))                                               # (B, m, n, E)
+
+
+class SDIMSearch(nn.Module):
+    """SDIM: hash-collision sampling of behaviours, no softmax and no top-K.
+
+    r = mean_h normalize(sum_{i: bucket_h(k_i) = bucket_h(q)} v_i). `Interest.index` is every
+    position and `weights` (B, L) are each behaviour's exact share of r, so r = sum_i w_i v_i;
+    `scores` is the fraction of hashes in which a behaviour collides with the target."""
+
+    def __init__(self, *, dim: int, hashes: int, bits_per_hash: int, seed: int) -> None:
+        super().__init__()
+        self.hashes = hashes
+        self.register_buffer("planes", random_hyperplanes(dim, hashes * bits_per_hash, seed=seed))
+
+    def forward(self, emb: RoleEmbeddings, batch: Batch, *, full: bool = False) -> Interest:
+        """Returns r (B, E), index/weights/scores (B, L); r_full (B, E) when `full`."""
+        query = emb.semantic("query", batch.target_item, batch.target_category)          # (B, D)
+        keys = emb.semantic("key", batch.hist_items, batch.hist_categories)              # (B, L, D)
+        q_bucket = bucket_ids(sign_bits(query, self.planes), hashes=self.hashes)         # (B, m)
+        k_bucket = bucket_ids(sign_bits(keys, self.planes), hashes=self.hashes)          # (B, L, m)
+        match = ((k_bucket == q_bucket.unsqueeze(1)) & batch.mask.unsqueeze(-1))         # (B, L, m)
+        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, L, E)
+        match = match.to(values.dtype)
+        sums = torch.einsum("blm,ble->bme", match, values)                               # (B, m, E)
+        norms = sums.norm(dim=-1).clamp_min(1e-12)                                       # (B, m)
+        r = (sums / norms.unsqueeze(-1)).mean(1)                                         # (B, E)
+        weights = torch.einsum("blm,bm->bl", match, 1.0 / (norms * self.hashes))         # (B, L)
+        scores = match.mean(-1).masked_fill(~batch.mask, torch.finfo(values.dtype).min)  # (B, L)
+        r_full = attend(emb, batch, DotScore()(emb, batch), None)[0] if full else None
+        index = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)   # (B, L)
+        return Interest(r=r, r_full=r_full, index=index, weights=weights, scores=scores)
+
+
+def _positive(options: dict, *names: str) -> None:
+    for name in names:
+        value = options[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"search option {name} must be a positive integer, got {value!r}")
+
+
+@register_search("eta")
+def _eta(config: ModelConfig) -> nn.Module:
+    """ETA: SimHash top-K + dot-product target attention over the K. 32 bits by default: one packed
+    word, the value LongCTR's tuning picked most often, and few Hamming ties among ~200 behaviours."""
+    options = search_options(config, {"bits": 32, "seed": 0})
+    _positive(options, "bits")
+    return SplitSearch(scorer=HammingScore(dim=2 * config.attn_dim, bits=options["bits"], seed=options["seed"]),
+                       select=select_nearest_codes, esu=DotScore(), top_k=config.top_k, aux=DotScore())
+
+
+@register_search("sdim")
+def _sdim(config: ModelConfig) -> nn.Module:
+    """SDIM with the paper's defaults m = 48 hashes of tau = 3 bits."""
+    options = search_options(config, {"hashes": 48, "bits_per_hash": 3, "seed": 0})
+    _positive(options, "hashes", "bits_per_hash")
+    if options["bits_per_hash"] > 30:
+        raise ConfigError(f"bits_per_hash must be <= 30, got {options['bits_per_hash']}")
+    return SDIMSearch(dim=2 * config.attn_dim, hashes=options["hashes"], bits_per_hash=options["bits_per_hash"],
+                      seed=options["seed"])

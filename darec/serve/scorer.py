@@ -1,0 +1,252 @@
+"""Inference: score C candidate items per user against a long history in one search pass.
+
+The training model sees one (history, target) pair per row, so C candidates of one user would look
+the same history up C times. Here the key embeddings (width 2 K_A) of a user's N behaviours are
+gathered once and shared by all C candidates: scores (U, C, N) are one batched matmul plus the
+position bias (or one fused score-and-top-K kernel on GPU, see fused_search.py), K positions are
+kept per candidate, and only those K value tokens, the softmax and the MLP head are computed. This
+is where DARE's small attention dimension pays: search cost is linear in K_A.
+
+Notation: U users, C candidates per user, N history length, K kept behaviours, D = 2 K_A, E token width.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from darec.errors import ConfigError, DataError
+from darec.models.config import ModelConfig
+from darec.models.embedding import RoleEmbeddings
+from darec.models.head import head_features
+from darec.models.search import masked_softmax
+from darec.models.two_stage import TwoStageModel, build_model
+from darec.serve.fused_search import search_topk
+
+__all__ = ["Scorer", "History", "SearchResult", "SERVE_SEARCHES", "register_serve_search", "load_checkpoint"]
+
+log = logging.getLogger(__name__)
+
+# Users per chunk are chosen so the plain path's (U, C, N) score matrix stays below this many floats.
+DEFAULT_MAX_SCORES = 1 << 26
+
+
+@dataclass(frozen=True)
+class History:
+    """Behaviour histories, oldest first and left-padded like `Batch`.
+
+    items, categories: (U, N) int64; mask: (U, N) bool, True at real behaviours (default: item != 0);
+    positions: (U, N) or (N,) int64 target-relative positions (default N..1, 1 = most recent).
+    """
+
+    items: torch.Tensor
+    categories: torch.Tensor
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+
+    @classmethod
+    def left_pad(cls, items: Sequence[np.ndarray], categories: Sequence[np.ndarray], *,
+                 length: int | None = None) -> "History":
+        """Ragged per-user sequences (oldest first) -> (U, N) left-padded; longer ones keep their last N."""
+        if len(items) != len(categories) or not items:
+            raise DataError(f"need one category sequence per item sequence, got {len(items)} and {len(categories)}")
+        n = length or max(len(seq) for seq in items)
+        out_items = np.zeros((len(items), n), dtype=np.int64)
+        out_cats = np.zeros((len(items), n), dtype=np.int64)
+        for row, (its, cts) in enumerate(zip(items, categories, strict=True)):  # per user, not per behaviour
+            its, cts = np.asarray(its)[-n:], np.asarray(cts)[-n:]
+            if len(its) != len(cts):
+                raise DataError(f"user {row}: {len(its)} items but {len(cts)} categories")
+            if len(its):
+                out_items[row, n - len(its):], out_cats[row, n - len(cts):] = its, cts
+        items_t = torch.from_numpy(out_items)
+        return cls(items=items_t, categories=torch.from_numpy(out_cats), mask=items_t != 0)
+
+    def resolved(self, device: torch.device) -> "History":
+        """2-D tensors on `device` with mask and positions filled in."""
+        items, cats = self.items, self.categories
+        if items.dim() == 1:
+            items, cats = items.unsqueeze(0), cats.unsqueeze(0)
+        if items.dim() != 2 or items.shape != cats.shape:
+            raise DataError(f"history items/categories must be (U, N) of one shape, got "
+                            f"{tuple(items.shape)} and {tuple(cats.shape)}")
+        n = items.shape[1]
+        mask = items != 0 if self.mask is None else self.mask.reshape(items.shape)
+        positions = (torch.arange(n, 0, -1) if self.positions is None else self.positions)
+        positions = positions.reshape(-1, n).expand(items.shape[0], n)                # (U, N)
+        return History(items=items.to(device).long(), categories=cats.to(device).long(),
+                       mask=mask.to(device).bool(), positions=positions.to(device).long())
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The search stage's output: logits (U, C, K) of the kept positions, index (U, C, K) into N."""
+
+    logits: torch.Tensor
+    index: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _SearchInputs:
+    """Everything a serving search needs, computed once per user chunk."""
+
+    emb: RoleEmbeddings
+    history: History          # resolved: (U, N) tensors
+    queries: torch.Tensor     # (U, C, 2 d_A)
+    keys: torch.Tensor        # (U, N, 2 d_A), once per user
+    bias: torch.Tensor | None  # (U, N) position score bias
+    cand_categories: torch.Tensor  # (U, C)
+    top_k: int
+    fused: bool | None
+
+
+ServeSearch = Callable[[_SearchInputs], SearchResult]
+SERVE_SEARCHES: dict[str, ServeSearch] = {}
+
+
+def register_serve_search(name: str) -> Callable[[ServeSearch], ServeSearch]:
+    """Register the serving form of a training search (same key as `darec.models.search.SEARCHES`)."""
+    def wrap(fn: ServeSearch) -> ServeSearch:
+        SERVE_SEARCHES[name] = fn
+        return fn
+    return wrap
+
+
+def _scale(inputs: _SearchInputs) -> float:
+    return 1.0 / math.sqrt(inputs.queries.shape[-1])
+
+
+@register_serve_search("topk")
+def _serve_topk(inputs: _SearchInputs) -> SearchResult:
+    """Soft search (TWIN/DARE): the K best-scoring real behaviours per candidate."""
+    scores, index = search_topk(inputs.queries, inputs.keys, bias=inputs.bias, valid=inputs.history.mask,
+                                k=inputs.top_k, scale=_scale(inputs), fused=inputs.fused)
+    return SearchResult(logits=scores, index=index)
+
+
+@register_serve_search("hard")
+def _serve_hard(inputs: _SearchInputs) -> SearchResult:
+    """Hard search (TWIN hard): the K most recent behaviours of the candidate's category, topped up
+    with the most recent others; scores are then computed at the kept K only."""
+    h = inputs.history
+    n = h.items.shape[1]
+    recency = (h.positions.max() + 1 - h.positions).to(torch.float32).unsqueeze(1)      # (U, 1, N)
+    same = (h.categories.unsqueeze(1) == inputs.cand_categories.unsqueeze(2)).float()  # (U, C, N)
+    key = torch.where(h.mask.unsqueeze(1), recency + same * (h.positions.max() + 2), -1.0)
+    index = key.topk(min(inputs.top_k, n), dim=-1).indices                             # (U, C, K)
+    u, c, k = index.shape
+    kept_keys = inputs.keys.gather(1, index.reshape(u, c * k, 1).expand(-1, -1, inputs.keys.shape[-1]))
+    kept_keys = kept_keys.reshape(u, c, k, -1)                                         # (U, C, K, D)
+    logits = torch.einsum("ucd,uckd->uck", inputs.queries, kept_keys) * _scale(inputs)  # (U, C, K)
+    if inputs.bias is not None:
+        logits = logits + inputs.bias.gather(1, index.reshape(u, c * k)).reshape(u, c, k)
+    return SearchResult(logits=logits, index=index)
+
+
+def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> TwoStageModel:
+    """The model in a trainer checkpoint (`best.pt` or `checkpoint.pt`: keys model_config, model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("checkpoint not found", path=path)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # unpickling errors have many types; all mean "not our checkpoint"
+        raise DataError(f"unreadable checkpoint: {err}", path=path) from None
+    if not isinstance(ckpt, dict) or not {"model_config", "model"} <= set(ckpt):
+        raise DataError("not a darec checkpoint (needs keys 'model_config' and 'model')", path=path)
+    model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+class Scorer:
+    """Click probabilities of C candidates for each of U users, sharing one history pass per user.
+
+    Equals the training model's eval-mode forward on the (history, candidate) pairs; supports the
+    searches in `SERVE_SEARCHES` (soft top-K and hard search) with the dot-product score.
+    """
+
+    def __init__(self, model: TwoStageModel, *, fused: bool | None = None,
+                 max_scores: int = DEFAULT_MAX_SCORES) -> None:
+        config = model.config
+        if config.score != "dot":
+            raise ConfigError(f"Scorer supports the dot-product score only; this model uses {config.score!r} "
+                              "(DIN-style MLP attention must score each candidate separately)")
+        if config.search not in SERVE_SEARCHES:
+            raise ConfigError(f"Scorer does not support search {config.search!r}; supported: "
+                              f"{sorted(SERVE_SEARCHES)}")
+        self.model = model.eval()
+        self.config = config
+        self.fused = fused
+        self.max_scores = max_scores
+        self._search = SERVE_SEARCHES[config.search]
+
+    @classmethod
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", fused: bool | None = None) -> "Scorer":
+        return cls(load_checkpoint(path, device=device), fused=fused)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.inference_mode()
+    def search(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> SearchResult:
+        """The search stage alone for one chunk of users: kept positions and their logits (U, C, K)."""
+        h = history.resolved(self.device)
+        items, cats = self._candidates(h, cand_items, cand_categories)
+        return self._search(self._inputs(h, items, cats))
+
+    @torch.inference_mode()
+    def logits(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
+        """Main-head logits (U, C); users are processed in chunks that bound the score matrix."""
+        h = history.resolved(self.device)
+        items, cats = self._candidates(h, cand_items, cand_categories)
+        u, c = items.shape
+        n = h.items.shape[1]
+        chunk = max(1, self.max_scores // max(1, c * n))
+        parts = []
+        for lo in range(0, u, chunk):  # a few chunks, each fully vectorised
+            sub = History(**{f: getattr(h, f)[lo:lo + chunk] for f in ("items", "categories", "mask", "positions")})
+            parts.append(self._logits(sub, items[lo:lo + chunk], cats[lo:lo + chunk]))
+        return torch.cat(parts)
+
+    def score(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
+        """Click probabilities (U, C)."""
+        return torch.sigmoid(self.logits(history, cand_items, cand_categories))
+
+    def _candidates(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        items, cats = torch.as_tensor(items), torch.as_tensor(cats)
+        if items.dim() == 1:
+            items, cats = items.unsqueeze(0), cats.unsqueeze(0)
+        if items.shape != cats.shape or items.dim() != 2 or items.shape[0] != h.items.shape[0]:
+            raise DataError(f"candidates must be (U, C) with U = {h.items.shape[0]} users, got items "
+                            f"{tuple(items.shape)} and categories {tuple(cats.shape)}")
+        return items.to(self.device).long(), cats.to(self.device).long()
+
+    def _inputs(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> _SearchInputs:
+        emb = self.model.embeddings
+        bias = emb.position_bias()                                                   # (P,)
+        if bias is not None:
+            bias = bias[h.positions.clamp(max=bias.shape[0] - 1)]                    # (U, N)
+        return _SearchInputs(
+            emb=emb, history=h, bias=bias, cand_categories=cats, top_k=self.config.top_k, fused=self.fused,
+            queries=emb.semantic("query", items, cats),                              # (U, C, 2 d_A)
+            keys=emb.semantic("key", h.items, h.categories))                         # (U, N, 2 d_A)
+
+    def _logits(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+        emb = self.model.embeddings
+        found = self._search(self._inputs(h, items, cats))
+        u, c, k = found.index.shape
+        flat = found.index.reshape(u, c * k)                                         # (U, C K)
+        kept = [t.gather(1, flat).reshape(u, c, k) for t in (h.items, h.categories, h.positions, h.mask)]
+        weights = masked_softmax(found.logits, kept[3])                              # (U, C, K)
+        values = emb.values(kept[0], kept[1], kept[2])                               # (U, C, K, E)
+        r = torch.einsum("uck,ucke->uce", weights, values)                           # (U, C, E)
+        target = emb.target(items, cats)                                             # (U, C, E)
+        features = head_features(target, r, target_aware=self.config.target_aware)   # (U, C, 3E)
+        return self.model.head(features.reshape(u * c, -1)).reshape(u, c)

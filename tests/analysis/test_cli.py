@@ -1,0 +1,81 @@
+"""End to end: `darec analyze all` then `darec report` on a tiny planted dataset, through the CLI."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from darec.cli import main
+from darec.data.protocol import ProtocolConfig
+from darec.data.synthetic import SyntheticConfig, prepare_synthetic
+
+KINDS = ("gradients", "attention", "retrieval", "discriminability", "convergence", "attention-size")
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """`--threads 1` changes torch's process-wide setting; give the rest of the session its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    prepare_synthetic(SyntheticConfig(n_users=30, n_items=40, n_categories=6, mean_length=225),
+                      out=out, config=ProtocolConfig(max_len=20))
+    return out
+
+
+def test_analyze_all_then_report(tiny, tmp_path):
+    out = tmp_path / "analyses"
+    args = ["analyze", "all", "--data", str(tiny), "--out", str(out), "--presets", "dare", "twin", "twin_no_tr",
+            "--dim", "4", "--sizes", "8", "4", "--epochs", "1", "--batch-size", "128", "--eval-every", "3",
+            "--steps", "5", "--threads", "1", "--no-progress"]
+    assert main(args) == 0
+    for kind in KINDS:
+        result = json.loads((out / kind / f"{kind}.json").read_text())
+        assert result["figures"], kind
+        assert all((out / kind / name).is_file() for name in result["figures"])
+    grads = json.loads((out / "gradients" / "gradients.json").read_text())["presets"]
+    assert grads["dare"]["rows_touched_by_both_paths"] == 0 and not grads["dare"]["tables"]
+    assert grads["twin"]["tables"]["shared.category"]["steps_with_cosine"] == 5
+    sizes = json.loads((out / "attention-size" / "attention-size.json").read_text())["models"]
+    assert [r["attention_dim"] for r in sizes["dare"]] == [8, 4] and {r["dim"] for r in sizes["dare"]} == {4}
+    assert all(r["search_seconds"] > 0 for rows in sizes.values() for r in rows)
+    assert (out / "runs" / "dare-d4-a8-s1" / "result.json").is_file()
+    # A second call reuses the finished runs instead of training again.
+    stamp = (out / "runs" / "dare-d4-s1" / "result.json").stat().st_mtime_ns
+    assert main(["analyze", "convergence", "--data", str(tiny), "--out", str(out), "--presets", "dare", "twin",
+                 "--dim", "4", "--epochs", "1", "--batch-size", "128", "--eval-every", "3", "--threads", "1",
+                 "--no-progress"]) == 0
+    assert (out / "runs" / "dare-d4-s1" / "result.json").stat().st_mtime_ns == stamp
+
+    table_dir = tmp_path / "table"
+    table_dir.mkdir()
+    (table_dir / "table.md").write_text("# Test AUC, mean (std)\n\n| Setup | dim = 4 |\n|---|---|\n| DARE | 0.7 |\n")
+    (table_dir / "table.csv").write_text("preset,auc_mean\ndare,0.7\n")
+    assert main(["report", str(out), "--table", str(table_dir)]) == 0
+    report = (out / "report.md").read_text()
+    assert "## Table 1" in report and "| DARE | 0.7 |" in report and "table.csv)" in report
+    for kind in KINDS:
+        assert f"({kind}/{kind}.json)" in report
+    for name in json.loads((out / "attention" / "attention.json").read_text())["figures"]:
+        assert f"(attention/{name})" in report
+
+
+def test_report_and_analyze_errors_are_one_line(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "nothing to report" in capsys.readouterr().err
+    assert main(["analyze", "gradients", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "not a prepared dataset" in capsys.readouterr().err
+
+
+def test_changed_budget_does_not_reuse_an_old_run(tiny, tmp_path, capsys):
+    base = ["analyze", "convergence", "--data", str(tiny), "--out", str(tmp_path), "--presets", "dare",
+            "--dim", "4", "--batch-size", "128", "--eval-every", "3", "--threads", "1", "--no-progress"]
+    assert main(base + ["--epochs", "1"]) == 0
+    assert main(base + ["--epochs", "2"]) == 2
+    assert "another training configuration" in capsys.readouterr().err
