@@ -94,7 +94,9 @@ def _presets(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from darec.demo import run_demo
 
-    print(run_demo(out_dir=args.out, seeds=tuple(args.seeds), presets=tuple(args.presets),
+    from darec.demo import DEMO_PRESETS
+
+    print(run_demo(out_dir=args.out, seeds=tuple(args.seeds), presets=tuple(args.presets or DEMO_PRESETS),
                    progress=not args.no_progress))
     return 0
 
@@ -126,6 +128,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("demo", help="the main job: MovieLens with the paper's protocol, presets compared")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--presets", nargs="+", default=["table1"])
+    p.add_argument("--presets", nargs="+", help="default: every Table 1 row but TWIN-V2 (slow on CPU)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_demo)

@@ -232,7 +232,6 @@ def test_new_presets_learn_the_planted_signal_and_reload_identically(planted_dir
     config = TrainConfig(preset=preset, batch_size=256, eval_batch_size=4096, epochs=1, lr=0.01,
                          model={"dim": 8}, device="cpu")
     result = train(data=planted_dir, config=config, out_dir=tmp_path, progress=False)
-    print(preset, result["test"])
     assert result["test"]["auc"] >= 0.7, result["test"]
     # a fresh model (hash planes drawn with another seed) loaded from best.pt reproduces the test AUC
     best = torch.load(tmp_path / "best.pt", weights_only=False)
