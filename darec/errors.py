@@ -1,7 +1,7 @@
 """Errors a user can act on: each names what is wrong and where, so the CLI can print it without a traceback."""
 from __future__ import annotations
 
-__all__ = ["DarecError", "DataError", "ConfigError"]
+__all__ = ["DarecError", "DataError", "ConfigError", "reject_unknown_keys"]
 
 
 class DarecError(Exception):
@@ -27,3 +27,10 @@ class DataError(DarecError):
             ) if part
         )
         super().__init__(f"{message} ({where})" if where else message)
+
+
+def reject_unknown_keys(data: dict, known: set[str], *, section: str) -> None:
+    """Typos in configs fail loudly instead of being silently ignored."""
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown {section} option(s) {unknown}; known: {sorted(known)}")

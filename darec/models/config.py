@@ -5,7 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from darec.errors import ConfigError
+from darec.errors import ConfigError, reject_unknown_keys
 
 __all__ = ["ModelConfig", "TABLE_LAYOUTS", "ROLES"]
 
@@ -85,10 +85,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown model option(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, section="model")
         data = dict(data)
         for name in ("hidden", "aux_hidden"):
             if name in data:

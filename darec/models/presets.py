@@ -60,7 +60,7 @@ register_preset("sim_hard", "SIM (hard): same-category GSU, ESU target attention
 register_preset("sim_soft", "SIM (soft): inner-product GSU on its own tables (aux-trained), separate ESU",
                 tables="decoupled", search="sim_soft")
 
-# The rows of the paper's Table 1 that come from the DARE/TWIN family, in the paper's order.
+# The rows of the paper's Table 1, in the paper's order (`--presets table1`).
 TABLE1_PRESETS = ("eta", "sdim", "din", "twin", "twin_hard", "twin_proj", "twin_no_tr", "twin_v2",
                   "twin_4e", "dare")
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from darec.errors import ConfigError
+from darec.errors import ConfigError, reject_unknown_keys
 
 __all__ = ["TrainConfig", "load_run_config"]
 
@@ -60,10 +60,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown train option(s) {unknown}; known: {sorted(known)}")
+        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, section="train")
         return cls(**data)
 
 
