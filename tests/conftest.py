@@ -1,4 +1,4 @@
-"""Session-wide prepared datasets, made once through the public CLI."""
+"""The planted dataset, made once per test session through the public CLI."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 
 from darec.cli import main
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session")
@@ -17,10 +15,3 @@ def planted_dir(tmp_path_factory) -> Path:
     assert main(["synth", "--out", str(out)]) == 0
     return out
 
-
-@pytest.fixture(scope="session")
-def movielens_dir(tmp_path_factory) -> Path:
-    """The shipped MovieLens ratings under the paper's protocol."""
-    out = tmp_path_factory.mktemp("movielens") / "data"
-    assert main(["prepare", "--source", "movielens", "--out", str(out)]) == 0
-    return out
