@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Batch"]
+__all__ = ["Batch", "HISTORY_FIELDS"]
+
+HISTORY_FIELDS = ("hist_items", "hist_categories", "hist_positions", "mask")
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,13 @@ class Batch:
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
                         for f in dataclasses.fields(self)})
+
+    def take_history(self, index: torch.Tensor) -> "Batch":
+        """The batch restricted to history slots `index` (B, K): every (B, L) tensor becomes (B, K).
+
+        Lets code written for whole histories run on the K kept behaviours only, at O(B K) cost."""
+        return dataclasses.replace(self, **{name: getattr(self, name).gather(1, index)  # (B, K)
+                                            for name in HISTORY_FIELDS})
 
     def pin_memory(self) -> "Batch":
         return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})

@@ -22,7 +22,7 @@ from darec.models.embedding import RoleEmbeddings
 
 __all__ = ["Interest", "SEARCHES", "register_search", "build_search", "DotScore", "MLPScore",
            "TargetAttention", "masked_softmax", "select_topk", "select_recent_same_category",
-           "select_all", "attend"]
+           "select_all", "attend", "recent_same_category_key"]
 
 
 @dataclass(frozen=True)
@@ -85,11 +85,19 @@ def select_topk(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
 def select_recent_same_category(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
     """Hard search: the K most recent behaviours of the target's category, topped up with the most
     recent others. The score is not used for the choice, only (once) for the weights afterwards."""
-    positions = batch.hist_positions
-    recency = (positions.max() + 1 - positions).to(torch.float32)                  # larger = more recent
-    same = (batch.hist_categories == batch.target_category.unsqueeze(1)).to(torch.float32)
-    key = torch.where(batch.mask, recency + same * (positions.max() + 2), -1.0)
+    key = recent_same_category_key(positions=batch.hist_positions, categories=batch.hist_categories,
+                                   target_categories=batch.target_category.unsqueeze(1), mask=batch.mask)
     return key.topk(min(k, scores.shape[-1]), dim=-1).indices                      # (B, K)
+
+
+def recent_same_category_key(*, positions: torch.Tensor, categories: torch.Tensor,
+                             target_categories: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hard search's ranking key: every same-category behaviour above every other, the more recent
+    first, -1 on padding. Broadcasts, so training (B, L) and serving (U, C, N) share one rule."""
+    top = positions.max()
+    recency = (top + 1 - positions).to(torch.float32)                              # larger = more recent
+    same = (categories == target_categories).to(torch.float32)
+    return torch.where(mask, recency + same * (top + 2), -1.0)
 
 
 def select_all(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
@@ -102,14 +110,11 @@ def attend(emb: RoleEmbeddings, batch: Batch, logits: torch.Tensor, index: torch
     """Softmax the logits at `index` (all positions when None) and sum the value tokens there.
 
     Values are looked up only at the kept positions, so the representation path costs O(B K E)."""
-    if index is None:
-        items, cats, pos, valid = batch.hist_items, batch.hist_categories, batch.hist_positions, batch.mask
-    else:
-        items, cats, pos, valid = (t.gather(1, index) for t in
-                                   (batch.hist_items, batch.hist_categories, batch.hist_positions, batch.mask))
+    if index is not None:
+        batch = batch.take_history(index)                                           # (B, K) fields
         logits = logits.gather(1, index)                                            # (B, K)
-    weights = masked_softmax(logits, valid)                                         # (B, K)
-    values = emb.values(items, cats, pos)                                           # (B, K, E)
+    weights = masked_softmax(logits, batch.mask)                                    # (B, K)
+    values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, K, E)
     return torch.einsum("bk,bke->be", weights, values), weights
 
 

@@ -10,7 +10,6 @@ per field, E token width.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +24,7 @@ from darec.models.embedding import RoleEmbeddings
 from darec.models.search import (DotScore, Interest, attend, register_search, select_recent_same_category,
                                  select_topk)
 
-__all__ = ["gather_batch", "RepresentationScore", "SplitSearch", "search_options"]
-
-_HISTORY_FIELDS = ("hist_items", "hist_categories", "hist_positions", "mask")
+__all__ = ["RepresentationScore", "SplitSearch", "search_options"]
 
 
 def search_options(config: ModelConfig, defaults: dict[str, Any]) -> dict[str, Any]:
@@ -36,14 +33,6 @@ def search_options(config: ModelConfig, defaults: dict[str, Any]) -> dict[str, A
     if unknown:
         raise ConfigError(f"search {config.search!r} has no option(s) {unknown}; known: {sorted(defaults)}")
     return {**defaults, **config.search_options}
-
-
-def gather_batch(batch: Batch, index: torch.Tensor) -> Batch:
-    """The batch restricted to history slots `index` (B, K): every history tensor becomes (B, K).
-
-    Lets any scorer written for (B, L) histories run on the K survivors only, at O(B K) cost."""
-    return dataclasses.replace(batch, **{name: getattr(batch, name).gather(1, index)   # (B, K)
-                                         for name in _HISTORY_FIELDS})
 
 
 class RepresentationScore(nn.Module):
@@ -73,7 +62,7 @@ class SplitSearch(nn.Module):
         """Returns r (B, E), index/weights (B, K), scores (B, L); r_full (B, E) when `full`."""
         scores = self.scorer(emb, batch)                                                # (B, L)
         index = self.select(scores, batch, self.top_k)                                  # (B, K)
-        kept = gather_batch(batch, index)
+        kept = batch.take_history(index)
         r, weights = attend(emb, kept, self.esu(emb, kept), None)                      # (B, E), (B, K)
         r_full = None
         if full:

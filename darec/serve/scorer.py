@@ -24,7 +24,7 @@ from darec.errors import ConfigError, DataError
 from darec.models.config import ModelConfig
 from darec.models.embedding import RoleEmbeddings
 from darec.models.head import head_features
-from darec.models.search import masked_softmax
+from darec.models.search import masked_softmax, recent_same_category_key
 from darec.models.two_stage import TwoStageModel, build_model
 from darec.serve.fused_search import search_topk
 
@@ -135,9 +135,9 @@ def _serve_hard(inputs: _SearchInputs) -> SearchResult:
     with the most recent others; scores are then computed at the kept K only."""
     h = inputs.history
     n = h.items.shape[1]
-    recency = (h.positions.max() + 1 - h.positions).to(torch.float32).unsqueeze(1)      # (U, 1, N)
-    same = (h.categories.unsqueeze(1) == inputs.cand_categories.unsqueeze(2)).float()  # (U, C, N)
-    key = torch.where(h.mask.unsqueeze(1), recency + same * (h.positions.max() + 2), -1.0)
+    key = recent_same_category_key(positions=h.positions.unsqueeze(1), categories=h.categories.unsqueeze(1),
+                                   target_categories=inputs.cand_categories.unsqueeze(2),
+                                   mask=h.mask.unsqueeze(1))                                # (U, C, N)
     index = key.topk(min(inputs.top_k, n), dim=-1).indices                             # (U, C, K)
     u, c, k = index.shape
     kept_keys = inputs.keys.gather(1, index.reshape(u, c * k, 1).expand(-1, -1, inputs.keys.shape[-1]))

@@ -14,7 +14,6 @@ from darec.models.hashing import (bucket_ids, bucket_sums, hamming, pack_bits, p
 from darec.models.config import ModelConfig
 from darec.models.presets import TABLE1_PRESETS, preset_config
 from darec.models.search import DotScore
-from darec.models.split_search import gather_batch
 from darec.models.two_stage import build_model
 from darec.train.config import TrainConfig
 from darec.train.trainer import evaluate, train
@@ -80,7 +79,7 @@ def test_eta_attends_over_the_hamming_nearest_behaviours():
         others = [i for i in range(30) if batch.mask[row, i] and i not in kept]
         assert all(int(dist[row, i]) >= worst_kept for i in others)
     # the ESU weights are a softmax of the dot score over the K kept, nothing else
-    kept = gather_batch(batch, out.interest.index)
+    kept = batch.take_history(out.interest.index)
     expected = torch.softmax(DotScore()(emb, kept), -1)
     assert torch.allclose(out.interest.weights, expected, atol=1e-6)
 
