@@ -3,12 +3,17 @@
     python benchmarks/search_speed.py                 # CPU, and CUDA too when available
     python benchmarks/search_speed.py --device cuda   # GPU only
 
-Two measurements per (method, N), batch of B targets, median of `--repeats` after `--warmup` runs:
-- `model`: the search module's forward in evaluation mode (B rows, each with its own N-long
-  history): embedding lookups, hashing / clustering, retrieval, attention over the kept behaviours.
-- `retrieval`: scoring + top-K only, from history keys or codes computed beforehand, as a server
-  that caches per-item keys or SimHash codes would run it (TWIN/DARE: dot products; ETA: Hamming
-  distances on packed codes; SDIM: bucket comparison and collision sums, no top-K).
+Three measurements per (method, N), median of `--repeats` after `--warmup` runs:
+- `model`: the search module's forward in evaluation mode on B rows, each with its own N-long
+  history: embedding lookups, hashing / clustering, retrieval, attention over the kept behaviours.
+- `retrieval`: per target, from what a server caches per item or per user, on the same B rows
+  (TWIN/DARE: dot products with cached keys + top-K; ETA: Hamming distances on cached packed codes
+  + top-K; SDIM: one `embedding_bag` of m cells of the user's cached, normalised bucket sums, which
+  is its whole interest; building that cache is timed apart as `sdim_build_ms`).
+- `serve`: one whole `Scorer` request, one user with C candidates (each of --serve-candidates) and
+  an N-long history (search, aggregation, MLP): the user's keys, signatures or bucket sums are
+  built inside the request, once, and shared by the C candidates. TWIN-V2 has no serving form (its
+  clusters are offline in production).
 JSON goes to benchmarks/results/search_speed.json with the device, torch version and config.
 """
 from __future__ import annotations
@@ -29,10 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from darec.data.batch import Batch  # noqa: E402
 from darec.io import write_json  # noqa: E402
-from darec.models.hashing import bucket_ids, hamming, pack_bits, select_nearest_codes, sign_bits  # noqa: E402
+from darec.models.hashing import hamming, select_nearest_codes  # noqa: E402
 from darec.models.presets import preset_config  # noqa: E402
 from darec.models.search import select_topk  # noqa: E402
 from darec.models.two_stage import build_model  # noqa: E402
+from darec.serve.scorer import History, Scorer  # noqa: E402
 
 log = logging.getLogger("search_speed")
 
@@ -85,18 +91,32 @@ def retrieval_fn(name: str, model, batch: Batch, top_k: int) -> Callable[[], obj
         q_codes, k_codes = scorer.codes(query), scorer.codes(keys)                   # (B, W), (B, N, W)
         return lambda: select_nearest_codes(-hamming(q_codes, k_codes).float(), batch, top_k)
     if name == "sdim":
-        search = model.search
-        q_b = bucket_ids(sign_bits(query, search.planes), hashes=search.hashes)     # (B, m)
-        k_b = bucket_ids(sign_bits(keys, search.planes), hashes=search.hashes)      # (B, N, m)
-        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, N, E)
-
-        def sdim() -> torch.Tensor:
-            match = (k_b == q_b.unsqueeze(1)).to(values.dtype)                        # (B, N, m)
-            return torch.einsum("bnm,bne->bme", match, values)                        # (B, m, E)
-        return sdim
+        cache = sdim_cache(model, batch)                                            # (B, m nb, E)
+        return lambda: model.search.lookup(cache, query.unsqueeze(1))               # (B, 1, E)
     if name == "twin_v2":
         return lambda: None  # clusters are the cached form; see `model` timings for clustering cost
     return lambda: select_topk(torch.einsum("bd,bnd->bn", query, keys), batch, top_k)
+
+
+def sdim_cache(model, batch: Batch) -> torch.Tensor:
+    """SDIM's per-user cache (normalised value sums per hash and bucket) for every row of the batch."""
+    emb = model.embeddings
+    values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, N, E)
+    return model.search.user_cache(emb.semantic("key", batch.hist_items, batch.hist_categories), values, batch.mask)
+
+
+def serve_fn(model, batch: Batch, candidates: int, *, n_items: int, n_categories: int
+             ) -> Callable[[], object] | None:
+    """One Scorer request: the first row's history against `candidates` random candidates."""
+    if model.config.search not in ("topk", "eta", "sdim"):
+        return None
+    scorer = Scorer(model)
+    history = History(items=batch.hist_items[:1], categories=batch.hist_categories[:1], mask=batch.mask[:1],
+                      positions=batch.hist_positions[:1])
+    g = torch.Generator().manual_seed(candidates)
+    items = torch.randint(1, n_items, (1, candidates), generator=g).to(batch.mask.device)      # (1, C)
+    cats = torch.randint(1, n_categories, (1, candidates), generator=g).to(batch.mask.device)
+    return lambda: scorer.logits(history, items, cats)
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -112,7 +132,7 @@ def run(args: argparse.Namespace) -> dict:
                 for name, (preset, extra) in METHODS.items():
                     if name == "twin_v2" and length > args.twin_v2_max_len:
                         rows.append({"device": str(device), "method": name, "N": length, "top_k": top_k,
-                                     "model_ms": None, "retrieval_ms": None,
+                                     "model_ms": None, "retrieval_ms": None, "serve_ms": {},
                                      "skipped": f"N > --twin-v2-max-len {args.twin_v2_max_len}"})
                         bar.update(1)
                         continue
@@ -122,22 +142,26 @@ def run(args: argparse.Namespace) -> dict:
                     torch.manual_seed(0)
                     model = build_model(preset_config(preset, n_items=args.items, n_categories=args.categories,
                                                       **overrides)).to(device).eval()
+                    clock = lambda fn: None if fn is None else 1000 * timed(  # noqa: E731
+                        fn, device=device, warmup=args.warmup, repeats=args.repeats)
                     with torch.no_grad():
-                        model_s = timed(lambda: model.search(model.embeddings, batch, full=False), device=device,
-                                        warmup=args.warmup, repeats=args.repeats)
-                        fn = retrieval_fn(name, model, batch, top_k)
-                        retrieval_s = None if name == "twin_v2" else timed(
-                            fn, device=device, warmup=args.warmup, repeats=args.repeats)
-                    rows.append({"device": str(device), "method": name, "N": length, "top_k": top_k,
-                                 "model_ms": 1000 * model_s,
-                                 "retrieval_ms": None if retrieval_s is None else 1000 * retrieval_s})
+                        row = {"device": str(device), "method": name, "N": length, "top_k": top_k,
+                               "model_ms": clock(lambda: model.search(model.embeddings, batch, full=False)),
+                               "retrieval_ms": clock(None if name == "twin_v2"
+                                                     else retrieval_fn(name, model, batch, top_k)),
+                               "serve_ms": {str(c): clock(serve_fn(model, batch, c, n_items=args.items,
+                                                                   n_categories=args.categories))
+                                            for c in args.serve_candidates}}
+                        if name == "sdim":
+                            row["sdim_build_ms"] = clock(lambda: sdim_cache(model, batch))
+                    rows.append(row)
                     bar.update(1)
                     del model
     bar.close()
     return {"benchmark": "search_speed", "torch": torch.__version__, "python": platform.python_version(),
             "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
             "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "config": {"batch": args.batch, "dim_per_field": args.dim, "items": args.items,
+            "config": {"batch": args.batch, "serve_candidates": args.serve_candidates, "dim_per_field": args.dim, "items": args.items,
                        "categories": args.categories, "warmup": args.warmup, "repeats": args.repeats,
                        "eta_bits": 32, "sdim": "48 hashes x 3 bits", "twin_v2_cap": 8,
                        "dtype": "float32", "mode": "eval, no_grad, aux head off"},
@@ -145,7 +169,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def markdown(result: dict) -> str:
-    """One table per (device, top_k): model-path and retrieval-only milliseconds per batch."""
+    """Per (device, top_k): the model-path / retrieval table for B rows, then the serving table."""
     out = []
     rows = result["rows"]
     for device in sorted({r["device"] for r in rows}):
@@ -164,6 +188,18 @@ def markdown(result: dict) -> str:
                     model_ms = "skipped" if r["model_ms"] is None else f"{r['model_ms']:.1f}"
                     parts.append(f"{model_ms} / {ret}")
                 out.append(f"| {method} | " + " | ".join(parts) + " |")
+            candidates = result["config"]["serve_candidates"]
+            out.append(f"\n{device}, one user, K = {top_k}: whole Scorer request (ms), C candidates\n")
+            out.append("| method | " + " | ".join(f"C = {c}, N = {n}" for c in candidates for n in lengths) + " |")
+            out.append("|---|" + "---|" * (len(lengths) * len(candidates)))
+            for method in METHODS:
+                found = [next(c for c in cells if c["method"] == method and c["N"] == n) for n in lengths]
+                parts = ["–" if r["serve_ms"].get(str(c)) is None else f"{r['serve_ms'][str(c)]:.2f}"
+                         for c in candidates for r in found]
+                out.append(f"| {method} | " + " | ".join(parts) + " |")
+            builds = [next(c for c in cells if c["method"] == "sdim" and c["N"] == n) for n in lengths]
+            out.append("\nSDIM user cache (normalised bucket sums) built for all B rows, ms: " + ", ".join(
+                f"N = {r['N']}: {r['sdim_build_ms']:.1f}" for r in builds))
     return "\n".join(out)
 
 
@@ -173,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lengths", nargs="+", type=int, default=[200, 1000, 10000])
     parser.add_argument("--top-k", nargs="+", type=int, default=[20])
     parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--serve-candidates", nargs="+", type=int, default=[256, 1000],
+                        help="C values for the one-user Scorer request")
     parser.add_argument("--dim", type=int, default=64, help="K_R per field; DARE's small variant uses dim / 4")
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--categories", type=int, default=1_000)

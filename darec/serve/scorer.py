@@ -7,6 +7,10 @@ position bias (or one fused score-and-top-K kernel on GPU, see fused_search.py),
 kept per candidate, and only those K value tokens, the softmax and the MLP head are computed. This
 is where DARE's small attention dimension pays: search cost is linear in K_A.
 
+The hashing baselines share the user pass too: ETA hashes the N keys once and ranks by Hamming
+distance per candidate; SDIM builds its per-user bucket sums once, after which a candidate costs m
+lookups, independent of N (its serving form, which is what makes it fast).
+
 Notation: U users, C candidates per user, N history length, K kept behaviours, D = 2 K_A, E token width.
 """
 from __future__ import annotations
@@ -24,6 +28,7 @@ from darec.errors import ConfigError, DataError
 from darec.models.config import ModelConfig
 from darec.models.embedding import RoleEmbeddings
 from darec.models.head import head_features
+from darec.models.hashing import nearest_codes_key, sign_vectors
 from darec.models.search import masked_softmax, recent_same_category_key
 from darec.models.two_stage import TwoStageModel, build_model
 from darec.serve.fused_search import search_topk
@@ -85,10 +90,12 @@ class History:
 
 @dataclass(frozen=True)
 class SearchResult:
-    """The search stage's output: logits (U, C, K) of the kept positions, index (U, C, K) into N."""
+    """The search stage's output: logits (U, C, K) of the kept positions and index (U, C, K) into N,
+    which the scorer softmaxes over; or, for a search without attention (SDIM), the interest (U, C, E)."""
 
-    logits: torch.Tensor
-    index: torch.Tensor
+    logits: torch.Tensor | None = None
+    index: torch.Tensor | None = None
+    interest: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class _SearchInputs:
     """Everything a serving search needs, computed once per user chunk."""
 
     emb: RoleEmbeddings
+    search: torch.nn.Module   # the model's training search (its hash planes, for ETA and SDIM)
     history: History          # resolved: (U, N) tensors
     queries: torch.Tensor     # (U, C, 2 d_A)
     keys: torch.Tensor        # (U, N, 2 d_A), once per user
@@ -139,6 +147,33 @@ def _serve_hard(inputs: _SearchInputs) -> SearchResult:
                                    target_categories=inputs.cand_categories.unsqueeze(2),
                                    mask=h.mask.unsqueeze(1))                                # (U, C, N)
     index = key.topk(min(inputs.top_k, n), dim=-1).indices                             # (U, C, K)
+    return _logits_at(inputs, index)
+
+
+@register_serve_search("eta")
+def _serve_eta(inputs: _SearchInputs) -> SearchResult:
+    """ETA: the N keys are hashed once per user; each candidate keeps its K nearest signatures by
+    Hamming distance (ties to the most recent), then dot-product logits at those K only. The
+    distances come from one matrix product of +-1 signatures (torch has no popcount)."""
+    h, planes = inputs.history, inputs.search.scorer.planes
+    agree = sign_vectors(inputs.queries, planes) @ sign_vectors(inputs.keys, planes).transpose(1, 2)  # (U, C, N)
+    distance = (planes.shape[1] - agree) / 2                                           # Hamming, exact
+    key = nearest_codes_key(-distance, h.positions.unsqueeze(1), h.mask.unsqueeze(1))        # (U, C, N)
+    index = key.topk(min(inputs.top_k, h.items.shape[1]), dim=-1).indices               # (U, C, K)
+    return _logits_at(inputs, index)
+
+
+@register_serve_search("sdim")
+def _serve_sdim(inputs: _SearchInputs) -> SearchResult:
+    """SDIM: per user, the sum of value tokens in every (hash, bucket), built once from all N
+    behaviours; per candidate, its m buckets' sums are looked up and combined."""
+    h, sdim = inputs.history, inputs.search
+    values = inputs.emb.values(h.items, h.categories, h.positions)                     # (U, N, E)
+    return SearchResult(interest=sdim.lookup(sdim.user_cache(inputs.keys, values, h.mask), inputs.queries))
+
+
+def _logits_at(inputs: _SearchInputs, index: torch.Tensor) -> SearchResult:
+    """Dot-product logits (plus position bias) at the kept positions `index` (U, C, K) only."""
     u, c, k = index.shape
     kept_keys = inputs.keys.gather(1, index.reshape(u, c * k, 1).expand(-1, -1, inputs.keys.shape[-1]))
     kept_keys = kept_keys.reshape(u, c, k, -1)                                         # (U, C, K, D)
@@ -168,7 +203,7 @@ class Scorer:
     """Click probabilities of C candidates for each of U users, sharing one history pass per user.
 
     Equals the training model's eval-mode forward on the (history, candidate) pairs; supports the
-    searches in `SERVE_SEARCHES` (soft top-K and hard search) with the dot-product score.
+    searches in `SERVE_SEARCHES` (soft top-K, hard search, ETA, SDIM) with the dot-product score.
     """
 
     def __init__(self, model: TwoStageModel, *, fused: bool | None = None,
@@ -234,19 +269,24 @@ class Scorer:
         if bias is not None:
             bias = bias[h.positions.clamp(max=bias.shape[0] - 1)]                    # (U, N)
         return _SearchInputs(
-            emb=emb, history=h, bias=bias, cand_categories=cats, top_k=self.config.top_k, fused=self.fused,
+            emb=emb, search=self.model.search, history=h, bias=bias, cand_categories=cats, top_k=self.config.top_k, fused=self.fused,
             queries=emb.semantic("query", items, cats),                              # (U, C, 2 d_A)
             keys=emb.semantic("key", h.items, h.categories))                         # (U, N, 2 d_A)
 
     def _logits(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
         emb = self.model.embeddings
         found = self._search(self._inputs(h, items, cats))
+        r = found.interest if found.interest is not None else self._attend(h, found)   # (U, C, E)
+        u, c = items.shape
+        target = emb.target(items, cats)                                             # (U, C, E)
+        features = head_features(target, r, target_aware=self.config.target_aware)   # (U, C, 3E)
+        return self.model.head(features.reshape(u * c, -1)).reshape(u, c)
+
+    def _attend(self, h: History, found: SearchResult) -> torch.Tensor:
+        """Softmax over the K kept positions and the weighted sum of their value tokens: (U, C, E)."""
         u, c, k = found.index.shape
         flat = found.index.reshape(u, c * k)                                         # (U, C K)
         kept = [t.gather(1, flat).reshape(u, c, k) for t in (h.items, h.categories, h.positions, h.mask)]
         weights = masked_softmax(found.logits, kept[3])                              # (U, C, K)
-        values = emb.values(kept[0], kept[1], kept[2])                               # (U, C, K, E)
-        r = torch.einsum("uck,ucke->uce", weights, values)                           # (U, C, E)
-        target = emb.target(items, cats)                                             # (U, C, E)
-        features = head_features(target, r, target_aware=self.config.target_aware)   # (U, C, 3E)
-        return self.model.head(features.reshape(u * c, -1)).reshape(u, c)
+        values = self.model.embeddings.values(kept[0], kept[1], kept[2])             # (U, C, K, E)
+        return torch.einsum("uck,ucke->uce", weights, values)

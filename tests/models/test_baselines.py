@@ -2,6 +2,8 @@
 reproducibility of their presets on the planted data."""
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from darec.data.store import PreparedDataset
 from darec.errors import ConfigError
 from darec.models.clustering import hierarchical_clusters
 from darec.models.hashing import (bucket_ids, bucket_sums, hamming, pack_bits, popcount, random_hyperplanes,
-                                  select_nearest_codes, sign_bits)
+                                  select_nearest_codes, sign_bits, sign_vectors)
 from darec.models.config import ModelConfig
 from darec.models.presets import TABLE1_PRESETS, preset_config
 from darec.models.search import DotScore
@@ -43,6 +45,8 @@ def test_signatures_and_hamming_equal_brute_force():
     expected = [[sum(int(bits_q[b, j]) != int(bits_x[b, i, j]) for j in range(70)) for i in range(9)]
                 for b in range(4)]
     assert got.tolist() == expected
+    agree = torch.einsum("bj,bij->bi", sign_vectors(q, planes), sign_vectors(x, planes))  # serving's form
+    assert ((70 - agree) / 2).tolist() == expected
 
 
 def test_popcount_on_all_byte_patterns_and_full_words():
@@ -133,6 +137,19 @@ def test_sdim_bucket_sums_give_the_same_interest_and_ignore_padding():
     picked = table.gather(2, target[:, :, None, None].expand(-1, -1, 1, values.shape[-1])).squeeze(2)
     r = torch.nn.functional.normalize(picked, dim=-1).mean(1)
     assert torch.allclose(model(batch).interest.r, r, atol=1e-6)
+
+
+def test_bucket_sums_equal_a_brute_force_sum_in_any_chunking():
+    g = torch.Generator().manual_seed(0)
+    buckets = torch.randint(0, 4, (5, 7, 3), generator=g)                              # (B, L, m)
+    values = torch.randn(5, 7, 2, generator=g)
+    mask = torch.rand(5, 7, generator=g) > 0.3
+    expected = torch.zeros(5, 3, 4, 2)
+    for b, i, h in itertools.product(range(5), range(7), range(3)):  # the definition, one term at a time
+        if mask[b, i]:
+            expected[b, h, buckets[b, i, h]] += values[b, i]
+    for max_onehot in (1, 7 * 3 * 4 * 2, 1 << 20):  # one row per chunk, two rows, all rows
+        torch.testing.assert_close(bucket_sums(buckets, values, mask, n_buckets=4, max_onehot=max_onehot), expected)
 
 
 # --- TWIN-V2 -----------------------------------------------------------------------------------

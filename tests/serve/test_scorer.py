@@ -9,7 +9,7 @@ from darec.errors import ConfigError, DataError
 from darec.models import build_model, preset_config
 from darec.serve.scorer import History, Scorer, load_checkpoint
 
-DOT_PRESETS = ["dare", "dare_no_tr", "twin", "twin_hard", "twin_proj", "twin_no_tr", "twin_4e"]
+DOT_PRESETS = ["dare", "dare_no_tr", "twin", "twin_hard", "twin_proj", "twin_no_tr", "twin_4e", "eta", "sdim"]
 N_ITEMS, N_CATS = 80, 7
 
 
@@ -80,7 +80,7 @@ def test_history_longer_than_max_len_clamps_positions(preset):
                                _model_logits(model, history, items, cats), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["dare", "twin", "twin_hard", "twin_proj", "twin_4e"])
+@pytest.mark.parametrize("preset", ["dare", "twin", "twin_hard", "twin_proj", "twin_4e", "eta"])
 def test_full_history_equals_history_precut_to_each_candidates_topk(preset):
     model = _model(preset, max_len=50, top_k=5)
     scorer = Scorer(model)
