@@ -9,7 +9,8 @@ Three measurements per (method, N), median of `--repeats` after `--warmup` runs:
 - `retrieval`: per target, from what a server caches per item or per user, on the same B rows
   (TWIN/DARE: dot products with cached keys + top-K; ETA: Hamming distances on cached packed codes
   + top-K; SDIM: one `embedding_bag` of m cells of the user's cached, normalised bucket sums, which
-  is its whole interest; building that cache is timed apart as `sdim_build_ms`).
+  is its whole interest; TWIN-V2: cluster-aware scores over the user's cached virtual items +
+  top-K). Building the per-user caches (SDIM, TWIN-V2) is timed apart as `cache_build_ms`.
 - `serve`: one whole `Scorer` request, one user with C candidates (each of --serve-candidates) and
   an N-long history (search, aggregation, MLP): the user's keys, signatures or bucket sums are
   built inside the request, once, and shared by the C candidates. TWIN-V2 has no serving form (its
@@ -94,7 +95,8 @@ def retrieval_fn(name: str, model, batch: Batch, top_k: int) -> Callable[[], obj
         cache = sdim_cache(model, batch)                                            # (B, m nb, E)
         return lambda: model.search.lookup(cache, query.unsqueeze(1))               # (B, 1, E)
     if name == "twin_v2":
-        return lambda: None  # clusters are the cached form; see `model` timings for clustering cost
+        virtual = model.search.virtual_items(emb, batch)                            # clusters, offline
+        return lambda: model.search.search(query, virtual)
     return lambda: select_topk(torch.einsum("bd,bnd->bn", query, keys), batch, top_k)
 
 
@@ -103,6 +105,15 @@ def sdim_cache(model, batch: Batch) -> torch.Tensor:
     emb = model.embeddings
     values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, N, E)
     return model.search.user_cache(emb.semantic("key", batch.hist_items, batch.hist_categories), values, batch.mask)
+
+
+def build_cache_fn(name: str, model, batch: Batch) -> Callable[[], object] | None:
+    """Building the per-user cache that `retrieval` reads, where it is per user rather than per item."""
+    if name == "sdim":
+        return lambda: sdim_cache(model, batch)
+    if name == "twin_v2":
+        return lambda: model.search.virtual_items(model.embeddings, batch)
+    return None
 
 
 def serve_fn(model, batch: Batch, candidates: int, *, n_items: int, n_categories: int
@@ -132,7 +143,8 @@ def run(args: argparse.Namespace) -> dict:
                 for name, (preset, extra) in METHODS.items():
                     if name == "twin_v2" and length > args.twin_v2_max_len:
                         rows.append({"device": str(device), "method": name, "N": length, "top_k": top_k,
-                                     "model_ms": None, "retrieval_ms": None, "serve_ms": {},
+                                     "model_ms": None, "retrieval_ms": None, "cache_build_ms": None,
+                                     "serve_ms": {},
                                      "skipped": f"N > --twin-v2-max-len {args.twin_v2_max_len}"})
                         bar.update(1)
                         continue
@@ -147,13 +159,11 @@ def run(args: argparse.Namespace) -> dict:
                     with torch.no_grad():
                         row = {"device": str(device), "method": name, "N": length, "top_k": top_k,
                                "model_ms": clock(lambda: model.search(model.embeddings, batch, full=False)),
-                               "retrieval_ms": clock(None if name == "twin_v2"
-                                                     else retrieval_fn(name, model, batch, top_k)),
+                               "retrieval_ms": clock(retrieval_fn(name, model, batch, top_k)),
+                               "cache_build_ms": clock(build_cache_fn(name, model, batch)),
                                "serve_ms": {str(c): clock(serve_fn(model, batch, c, n_items=args.items,
                                                                    n_categories=args.categories))
                                             for c in args.serve_candidates}}
-                        if name == "sdim":
-                            row["sdim_build_ms"] = clock(lambda: sdim_cache(model, batch))
                     rows.append(row)
                     bar.update(1)
                     del model
@@ -197,9 +207,11 @@ def markdown(result: dict) -> str:
                 parts = ["–" if r["serve_ms"].get(str(c)) is None else f"{r['serve_ms'][str(c)]:.2f}"
                          for c in candidates for r in found]
                 out.append(f"| {method} | " + " | ".join(parts) + " |")
-            builds = [next(c for c in cells if c["method"] == "sdim" and c["N"] == n) for n in lengths]
-            out.append("\nSDIM user cache (normalised bucket sums) built for all B rows, ms: " + ", ".join(
-                f"N = {r['N']}: {r['sdim_build_ms']:.1f}" for r in builds))
+            for method, what in (("sdim", "normalised bucket sums"), ("twin_v2", "clusters")):
+                builds = [next(c for c in cells if c["method"] == method and c["N"] == n) for n in lengths]
+                out.append(f"\n{method} per-user cache ({what}) built for all B rows, ms: " + ", ".join(
+                    f"N = {r['N']}: " + ("skipped" if r["cache_build_ms"] is None else f"{r['cache_build_ms']:.1f}")
+                    for r in builds))
     return "\n".join(out)
 
 
