@@ -39,7 +39,7 @@ from darec.models.hashing import hamming, select_nearest_codes  # noqa: E402
 from darec.models.presets import preset_config  # noqa: E402
 from darec.models.search import select_topk  # noqa: E402
 from darec.models.two_stage import build_model  # noqa: E402
-from darec.serve.scorer import History, Scorer  # noqa: E402
+from darec.serve.scorer import SERVE_SEARCHES, History, Scorer  # noqa: E402
 
 log = logging.getLogger("search_speed")
 
@@ -119,7 +119,7 @@ def build_cache_fn(name: str, model, batch: Batch) -> Callable[[], object] | Non
 def serve_fn(model, batch: Batch, candidates: int, *, n_items: int, n_categories: int
              ) -> Callable[[], object] | None:
     """One Scorer request: the first row's history against `candidates` random candidates."""
-    if model.config.search not in ("topk", "eta", "sdim"):
+    if model.config.search not in SERVE_SEARCHES:
         return None
     scorer = Scorer(model)
     history = History(items=batch.hist_items[:1], categories=batch.hist_categories[:1], mask=batch.mask[:1],

@@ -24,7 +24,7 @@ from darec.models.embedding import RoleEmbeddings
 from darec.models.search import DotScore, Interest, attend, masked_softmax, register_search
 from darec.models.split_search import search_options
 
-__all__ = ["VirtualItems", "TwinV2Search", "relabel", "cluster_sizes", "cluster_means", "two_means_split", "split_oversized",
+__all__ = ["VirtualItems", "relabel", "cluster_sizes", "cluster_means", "two_means_split", "split_oversized",
            "hierarchical_clusters", "TwinV2Search"]
 
 

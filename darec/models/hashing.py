@@ -27,7 +27,7 @@ from darec.models.embedding import RoleEmbeddings
 from darec.models.search import DotScore, Interest, attend, register_search
 from darec.models.split_search import SplitSearch, search_options
 
-__all__ = ["random_hyperplanes", "sign_bits", "pack_bits", "popcount", "hamming", "HammingScore",
+__all__ = ["random_hyperplanes", "sign_bits", "sign_vectors", "pack_bits", "popcount", "hamming", "HammingScore",
            "select_nearest_codes", "nearest_codes_key", "bucket_ids", "bucket_sums", "SDIMSearch", "WORD_BITS"]
 
 WORD_BITS = 32  # bits per packed int64 word: values stay < 2^32, so shifts and the popcount are sign-safe
@@ -67,10 +67,8 @@ def popcount(words: torch.Tensor) -> torch.Tensor:
 
 
 def hamming(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """Hamming distance between packed codes: query (..., W), keys (..., L, W) -> (..., L) int64.
-
-    Broadcasts, so training (B, W) x (B, L, W) and serving (U, C, W) x (U, 1, N, W) share it."""
-    return popcount(torch.bitwise_xor(keys, query.unsqueeze(-2))).sum(-1)              # (..., L)
+    """Hamming distance between packed codes: query (B, W), keys (B, L, W) -> (B, L) int64."""
+    return popcount(torch.bitwise_xor(keys, query.unsqueeze(1))).sum(-1)                # (B, L)
 
 
 class HammingScore(nn.Module):
@@ -152,11 +150,6 @@ class SDIMSearch(nn.Module):
         """Bucket of x (..., D) under each hash: (..., m) int64."""
         return bucket_ids(sign_bits(x, self.planes), hashes=self.hashes)
 
-    def combine(self, sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-hash collision sums (..., m, E) -> r (..., E) and the per-hash norms (..., m)."""
-        norms = sums.norm(dim=-1).clamp_min(1e-12)                                       # (..., m)
-        return (sums / norms.unsqueeze(-1)).mean(-2), norms
-
     def user_cache(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """SDIM's per-user serving cache from keys (U, N, D), values (U, N, E), mask (U, N): the
         normalised sum of values in every (hash, bucket) cell, (U, m nb, E). Built once per history."""
@@ -179,7 +172,9 @@ class SDIMSearch(nn.Module):
         match = ((k_bucket == q_bucket.unsqueeze(1)) & batch.mask.unsqueeze(-1))         # (B, L, m)
         values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, L, E)
         match = match.to(values.dtype)
-        r, norms = self.combine(torch.einsum("blm,ble->bme", match, values))             # (B, E), (B, m)
+        sums = torch.einsum("blm,ble->bme", match, values)                               # (B, m, E)
+        norms = sums.norm(dim=-1).clamp_min(1e-12)                                       # (B, m)
+        r = (sums / norms.unsqueeze(-1)).mean(1)                                         # (B, E)
         weights = torch.einsum("blm,bm->bl", match, 1.0 / (norms * self.hashes))         # (B, L)
         scores = match.mean(-1).masked_fill(~batch.mask, torch.finfo(values.dtype).min)  # (B, L)
         r_full = attend(emb, batch, DotScore()(emb, batch), None)[0] if full else None
