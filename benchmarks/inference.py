@@ -18,41 +18,23 @@ import logging
 import os
 import platform
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common import parse_args, time_call
 from darec.io import write_json
 from darec.models import build_model, preset_config
 from darec.serve.fused_search import triton_available
 from darec.serve.scorer import History, Scorer
 from darec.train.trainer import resolve_device
 
-__all__ = ["time_call", "main"]
+__all__ = ["main"]
 
 log = logging.getLogger("benchmarks.inference")
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def time_call(fn: Callable[[], Any], *, device: torch.device, warmup: int, repeats: int) -> dict[str, float]:
-    """p50/p90/mean seconds of `fn()` (CUDA work is synchronised before the clock stops)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return {"p50_s": float(np.percentile(times, 50)), "p90_s": float(np.percentile(times, 90)),
-            "mean_s": float(np.mean(times)), "repeats": repeats}
 
 
 def _request(u: int, c: int, n: int, *, n_items: int, n_categories: int, device: torch.device, seed: int):
@@ -109,12 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-batch-sizes", type=int, nargs="+", default=[2048, 8192, 32768],
                    help="CUDA only: batch sizes for the peak training memory table")
     p.add_argument("--data-dir", default="/tmp/darec-bench-data")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--name", help="results file stem (default inference_<device type>)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(p, argv)
     device = resolve_device(args.device)
     fused_modes = [False, True] if device.type == "cuda" and triton_available() else [False]
     timing = dict(device=device, warmup=args.warmup, repeats=args.repeats)

@@ -22,9 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,6 +31,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import parse_args, time_call  # noqa: E402
 from darec.data.batch import Batch  # noqa: E402
 from darec.io import write_json  # noqa: E402
 from darec.models.hashing import hamming, select_nearest_codes  # noqa: E402
@@ -65,21 +64,6 @@ def make_batch(*, batch_size: int, length: int, n_items: int, n_categories: int,
                  target_item=torch.randint(1, n_items, (batch_size,), generator=g),
                  target_category=torch.randint(1, n_categories, (batch_size,), generator=g),
                  label=torch.zeros(batch_size), user=torch.arange(batch_size)).to(device)
-
-
-def timed(fn: Callable[[], object], *, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall seconds of fn() over `repeats` after `warmup` calls (CUDA synchronised)."""
-    times = []
-    for i in range(warmup + repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def retrieval_fn(name: str, model, batch: Batch, top_k: int) -> Callable[[], object]:
@@ -154,8 +138,8 @@ def run(args: argparse.Namespace) -> dict:
                     torch.manual_seed(0)
                     model = build_model(preset_config(preset, n_items=args.items, n_categories=args.categories,
                                                       **overrides)).to(device).eval()
-                    clock = lambda fn: None if fn is None else 1000 * timed(  # noqa: E731
-                        fn, device=device, warmup=args.warmup, repeats=args.repeats)
+                    clock = lambda fn: None if fn is None else 1000 * time_call(  # noqa: E731
+                        fn, device=device, warmup=args.warmup, repeats=args.repeats)["p50_s"]
                     with torch.no_grad():
                         row = {"device": str(device), "method": name, "N": length, "top_k": top_k,
                                "model_ms": clock(lambda: model.search(model.embeddings, batch, full=False)),
@@ -230,12 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--twin-v2-max-len", type=int, default=1000,
                         help="skip TWIN-V2 above this N: per-forward clustering of B x N histories is minutes on CPU")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "search_speed.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(parser, argv)
     if any(d.startswith("cuda") for d in args.device) and not torch.cuda.is_available():
         parser.error("--device cuda asked for, but torch.cuda.is_available() is False")
     result = run(args)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from common import parse_args
 from darec.data.loader import BatchLoader
 from darec.data.protocol import SAMPLE_DTYPE, PreparedArrays
 from darec.data.store import PreparedDataset, write_prepared
@@ -138,13 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deterministic", choices=["on", "off", "both"], default="on")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--data-dir", type=Path, default=Path("/tmp/darec-bench-data"))
     p.add_argument("--name", help="results file stem (default train_throughput_<device type>)")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_args(p, argv)
     device = resolve_device(args.device)
     per_user = 20
     users = args.users or -(-max(args.batch_size) * (args.warmup + args.steps) // per_user)
