@@ -17,6 +17,7 @@ from torch import nn
 
 from darec.data.batch import Batch
 from darec.errors import ConfigError
+from darec.registry import registrar
 from darec.models.config import ModelConfig
 from darec.models.embedding import RoleEmbeddings
 
@@ -137,13 +138,7 @@ class TargetAttention(nn.Module):
 
 SearchBuilder = Callable[[ModelConfig], nn.Module]
 SEARCHES: dict[str, SearchBuilder] = {}
-
-
-def register_search(name: str) -> Callable[[SearchBuilder], SearchBuilder]:
-    def wrap(builder: SearchBuilder) -> SearchBuilder:
-        SEARCHES[name] = builder
-        return builder
-    return wrap
+register_search = registrar(SEARCHES)
 
 
 def _scorer(config: ModelConfig) -> nn.Module:

@@ -31,6 +31,7 @@ from darec.models.head import head_features
 from darec.models.hashing import nearest_codes_key, sign_vectors
 from darec.models.search import masked_softmax, recent_same_category_key
 from darec.models.two_stage import TwoStageModel, build_model
+from darec.registry import registrar
 from darec.serve.fused_search import search_topk
 
 __all__ = ["Scorer", "History", "SearchResult", "SERVE_SEARCHES", "register_serve_search", "load_checkpoint"]
@@ -117,12 +118,8 @@ ServeSearch = Callable[[_SearchInputs], SearchResult]
 SERVE_SEARCHES: dict[str, ServeSearch] = {}
 
 
-def register_serve_search(name: str) -> Callable[[ServeSearch], ServeSearch]:
-    """Register the serving form of a training search (same key as `darec.models.search.SEARCHES`)."""
-    def wrap(fn: ServeSearch) -> ServeSearch:
-        SERVE_SEARCHES[name] = fn
-        return fn
-    return wrap
+# The serving form of a training search, under the same key as in `darec.models.search.SEARCHES`.
+register_serve_search = registrar(SERVE_SEARCHES)
 
 
 def _scale(inputs: _SearchInputs) -> float:
