@@ -1,5 +1,8 @@
-"""Small builders shared by tests: random batches with known padding."""
+"""Small builders shared by tests: random batches with known padding, file-tree snapshots."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
@@ -21,3 +24,24 @@ def random_batch(*, batch_size: int = 16, length: int = 30, n_items: int = 50, n
                  target_category=torch.randint(1, n_categories, (batch_size,), generator=g),
                  label=torch.randint(0, 2, (batch_size,), generator=g).float(),
                  user=torch.arange(batch_size))
+
+
+def tree_snapshot(*roots: Path) -> dict[str, tuple[int, int, int, int]]:
+    """(size, mtime_ns, mode, inode) of every file and folder under `roots`: any rewrite, move, chmod
+    or deletion shows up as a difference. A folder's size and mtime are left out: they change whenever
+    an allowed output is created inside it."""
+    snap = {}
+    for root in roots:
+        for path in [Path(root), *Path(root).rglob("*")]:
+            st = path.lstat()
+            is_dir = path.is_dir() and not path.is_symlink()
+            snap[str(path)] = (0 if is_dir else st.st_size, 0 if is_dir else st.st_mtime_ns, st.st_mode, st.st_ino)
+    return snap
+
+
+def changes_outside(before: dict, after: dict, allowed: list[Path]) -> list[str]:
+    """Paths changed, removed or created, except at or under an `allowed` output path."""
+    def inside(path: str) -> bool:
+        return any(path == str(a) or path.startswith(str(a) + os.sep) for a in allowed)
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    return sorted(p for p in changed if not inside(p))

@@ -19,7 +19,7 @@ from scipy.stats import spearmanr
 
 from darec.analysis.common import (AnalysisContext, load_model, save_figure, search_scores, trained_run,
                                    write_analysis)
-from darec.analysis.groundtruth import count_cooccurrence, most_common_targets
+from darec.analysis.groundtruth import cell_keys, count_cooccurrence, most_common_targets
 from darec.data.batch import Batch
 from darec.data.synthetic import TRUTH_FILE, PlantedTruth
 from darec.models import TwoStageModel
@@ -104,8 +104,10 @@ def run_attention(ctx: AnalysisContext, *, n_categories: int = 10, n_positions: 
     categories = most_common_targets(dataset, n_categories)
     targets = categories
     positions = np.arange(1, min(n_positions, dataset.max_len) + 1)
-    counts = count_cooccurrence(dataset, max_position=int(positions[-1]), targets=targets)
-    mi = counts.mutual_information()[:, categories][:, :, positions]                           # (T, C, P)
+    grid = (targets[:, None, None], categories[None, :, None], positions[None, None, :])
+    cells = cell_keys(*grid, n_categories=dataset.n_categories, max_position=int(positions[-1]))
+    counts = count_cooccurrence(dataset, cells=cells.ravel(), max_position=int(positions[-1]))
+    mi = counts.mutual_information_at(*grid)                                                   # (T, C, P)
     grids = {"ground_truth_mi": mi}
     shown = dict(targets=targets, categories=categories, positions=positions)
     _heatmaps(minmax(mi), title="ground truth: MI(behaviour at (c, p); label) in bits, min-max per target",

@@ -1,6 +1,7 @@
 """Attention size (DARE paper Fig. 11c-d): test AUC and measured search-stage time against the attention
-dimension. DARE varies K_A with K_R fixed (possible because its attention tables are its own); TWIN has
-one table, so its only knob is the shared dimension.
+dimension. As in the paper (K_A = 128 is its baseline "1", then 64 and 32), DARE keeps K_R fixed at the
+largest size and shrinks K_A below it (possible because its attention tables are its own; K_R can be
+set with `representation_dim`); TWIN has one table, so its only knob is the shared dimension.
 
 Search-stage time = the model's scorer over all L behaviours + top-K selection, on one fixed test batch,
 median of repeats after warm-up (evaluation mode, no gradients, this machine's device).
@@ -47,8 +48,9 @@ def run_attention_size(ctx: AnalysisContext, *, batch_size: int = 1024, repeats:
     dataset = ctx.dataset
     out = ctx.kind_dir("attention-size")
     sizes = tuple(sorted(set(ctx.sizes), reverse=True))
-    plans = {"dare": [dict(dim=ctx.dim, attention_dim=s) for s in sizes],    # K_A varies, K_R fixed
-             "twin": [dict(dim=s) for s in sizes]}                           # one shared dim
+    representation_dim = ctx.extra.get("representation_dim") or sizes[0]
+    plans = {"dare": [dict(dim=representation_dim, attention_dim=s) for s in sizes],  # K_A shrinks, K_R fixed
+             "twin": [dict(dim=s) for s in sizes]}                                     # one shared dim
     results = {}
     chosen = [p for p in ctx.presets_or(tuple(plans)) if p in plans]
     if not chosen:
@@ -76,6 +78,7 @@ def run_attention_size(ctx: AnalysisContext, *, batch_size: int = 1024, repeats:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, out / "attention_size.png")
-    return write_analysis(ctx, "attention-size", {"sizes": sizes, "fixed_dim": ctx.dim, "models": results,
+    return write_analysis(ctx, "attention-size", {"sizes": sizes, "representation_dim": representation_dim,
+                                                  "models": results,
                                                   "timing": {"device": "cpu", "repeats": repeats,
                                                              "threads": torch.get_num_threads()}})

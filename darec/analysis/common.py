@@ -22,13 +22,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from darec.checkpoint import load_model_checkpoint  # noqa: E402
 from darec.data.batch import Batch  # noqa: E402
 from darec.data.loader import BatchLoader  # noqa: E402
 from darec.data.store import PreparedDataset  # noqa: E402
 from darec.errors import ConfigError  # noqa: E402
 from darec.io import atomic_file, write_json  # noqa: E402
-from darec.models import TwoStageModel, build_model  # noqa: E402
-from darec.models.config import ModelConfig  # noqa: E402
+from darec.models import TwoStageModel  # noqa: E402
 from darec.train.config import TrainConfig  # noqa: E402
 
 __all__ = ["AnalysisContext", "RunHandle", "run_name", "trained_run", "load_model", "test_batches",
@@ -120,10 +120,7 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> TwoStageMod
     path = Path(run_dir) / "best.pt"
     if not path.is_file():
         raise ConfigError(f"no best.pt in {run_dir}; train the run first")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
-    model = build_model(ModelConfig.from_dict(ckpt["model_config"])).to(device)
-    model.load_state_dict(ckpt["model"])
-    return model.eval()
+    return load_model_checkpoint(path, device=device)
 
 
 def test_batches(dataset: PreparedDataset, model: TwoStageModel, *, split: str = "test",

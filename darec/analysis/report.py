@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from darec.errors import ConfigError
 from darec.io import write_text
@@ -129,11 +131,10 @@ def build_report(out_dir: str | Path, *, table_dir: str | Path | None = None) ->
 
 
 def _relative(target: Path, base: Path) -> str:
-    try:
-        rel = target.resolve().relative_to(base.resolve())
-        return "" if str(rel) == "." else f"{rel.as_posix()}/"
-    except ValueError:
-        return f"{target.resolve().as_posix()}/"
+    """`target` as a link prefix relative to the report's folder (`../table/`), so the report keeps
+    working when the folders are moved or copied together; URL-quoted for names with spaces."""
+    rel = Path(os.path.relpath(target.resolve(), base.resolve())).as_posix()
+    return "" if rel == "." else f"{quote(rel)}/"
 
 
 def write_report(out_dir: str | Path, *, table_dir: str | Path | None = None) -> Path:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from darec.cli.arg_types import non_negative_int, positive_int
+
 __all__ = ["register"]
 
 _KINDS = ("gradients", "attention", "retrieval", "discriminability", "convergence", "attention-size", "all")
@@ -21,7 +23,8 @@ def _analyze(args: argparse.Namespace) -> int:
     train = ANALYSIS_TRAIN.replace(**{k: v for k, v in changes.items() if v is not None})
     results = analyze(args.kind, data=args.data, out=args.out, runs=args.runs,
                       presets=tuple(args.presets) if args.presets else None, train=train, dim=args.dim,
-                      steps=args.steps, sizes=tuple(args.sizes), progress=not args.no_progress)
+                      steps=args.steps, sizes=tuple(args.sizes), representation_dim=args.representation_dim,
+                      cluster_features=args.cluster_features, progress=not args.no_progress)
     for kind, result in results.items():
         figures = ", ".join(result.get("figures", []))
         print(f"{kind}: {args.out / kind / (kind + '.json')}  figures: {figures}")
@@ -44,16 +47,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="writes OUT/<kind>/*.png and OUT/<kind>/<kind>.json")
     p.add_argument("--runs", type=Path, default=None, help="trained runs to reuse/create (default OUT/runs)")
     p.add_argument("--presets", nargs="+", default=None, help="models to compare (default: per analysis)")
-    p.add_argument("--steps", type=int, default=100, help="gradients: training steps observed (default 100)")
-    p.add_argument("--seed", type=int, default=None, help="training and K-means seed (default 1)")
-    p.add_argument("--dim", type=int, default=16, help="K_R, embedding dim per field (default 16)")
-    p.add_argument("--sizes", type=int, nargs="+", default=[128, 64, 32, 16],
+    p.add_argument("--steps", type=positive_int, default=100, help="gradients: training steps observed (default 100)")
+    p.add_argument("--seed", type=non_negative_int, default=None, help="training and K-means seed (default 1)")
+    p.add_argument("--dim", type=positive_int, default=16, help="K_R, embedding dim per field (default 16)")
+    p.add_argument("--sizes", type=positive_int, nargs="+", default=[128, 64, 32, 16],
                    help="attention-size: K_A values for DARE / shared dims for TWIN")
-    p.add_argument("--epochs", type=int, default=None, help="training epochs per run (default 2)")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (default 256)")
-    p.add_argument("--eval-every", type=int, default=None, help="steps between validations (default 10)")
+    p.add_argument("--representation-dim", type=positive_int, default=None,
+                   help="attention-size: DARE's fixed K_R (default: the largest --sizes value)")
+    p.add_argument("--cluster-features", choices=["h", "head-input"], default="h",
+                   help="discriminability: cluster h = v_t*r (the paper's, default) or the whole head input "
+                        "[v_t, r, v_t*r] (the reference's)")
+    p.add_argument("--epochs", type=positive_int, default=None, help="training epochs per run (default 2)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="training batch (default 256)")
+    p.add_argument("--eval-every", type=positive_int, default=None, help="steps between validations (default 10)")
     p.add_argument("--device", default=None, help="training device: auto | cpu | cuda")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (1 is much faster on a busy 2-core machine)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_analyze)

@@ -11,11 +11,19 @@ __all__ = ["register"]
 
 def _protocol_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("protocol (defaults reproduce the paper)")
-    group.add_argument("--min-clicks", type=int, default=210, help="users with fewer kept clicks are dropped")
+    group.add_argument("--targets", choices=("paper", "dense"), default="paper",
+                       help="paper: 19 train, 1 val, 1 test target per user; dense: every click after "
+                            "--min-history is a target, each user's latest ones are val/test (small logs)")
+    group.add_argument("--min-clicks", type=int, default=None,
+                       help="users with fewer kept clicks are dropped (default 210 paper, 20 dense)")
+    group.add_argument("--min-history", type=int, default=5, help="dense: clicks before a user's first target")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="dense: share of each user's targets")
+    group.add_argument("--test-fraction", type=float, default=0.1, help="dense: share of each user's targets")
     group.add_argument("--max-len", type=int, default=200, help="history length L")
     group.add_argument("--negatives", type=int, default=2, help="negatives per positive")
     group.add_argument("--n-train-targets", type=int, default=19)
-    group.add_argument("--train-stride", type=int, default=5, help="gap between training targets")
+    group.add_argument("--train-stride", type=int, default=None,
+                       help="gap between training targets (default 5 paper, 1 dense)")
     group.add_argument("--behaviors", nargs="+", default=None,
                        help="behaviour types kept (default: pv for taobao, click for tmall, all otherwise)")
     group.add_argument("--seed", type=int, default=0, help="negative-sampling seed")
@@ -25,7 +33,9 @@ def _protocol(args: argparse.Namespace):
     from darec.data.protocol import ProtocolConfig
     return ProtocolConfig(behaviors=tuple(args.behaviors) if args.behaviors else None, min_clicks=args.min_clicks,
                           max_len=args.max_len, n_negatives=args.negatives, n_train_targets=args.n_train_targets,
-                          train_stride=args.train_stride, seed=args.seed)
+                          train_stride=args.train_stride, seed=args.seed, targets=args.targets,
+                          min_history=args.min_history, val_fraction=args.val_fraction,
+                          test_fraction=args.test_fraction)
 
 
 def _parse_columns(text: str | None) -> dict[str, str] | None:
@@ -40,7 +50,7 @@ def _parse_columns(text: str | None) -> dict[str, str] | None:
 def _run_prepare(args: argparse.Namespace) -> int:
     from darec.data.pipeline import prepare
     dataset = prepare(source=args.source, input=args.input, out=args.out, config=_protocol(args), movies=args.movies,
-                      columns=_parse_columns(args.columns), skip_bad_rows=args.skip_bad_rows)
+                      columns=_parse_columns(args.columns), skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite)
     print(summary(dataset.manifest, dataset.path))
     return 0
 
@@ -48,7 +58,8 @@ def _run_prepare(args: argparse.Namespace) -> int:
 def _run_synth(args: argparse.Namespace) -> int:
     from darec.data.synthetic import SyntheticConfig, prepare_synthetic
     synth = SyntheticConfig(n_users=args.users, n_items=args.items, n_categories=args.categories,
-                            mean_length=args.mean_length, decay_rate=args.decay_rate, seed=args.synth_seed)
+                            mean_length=args.mean_length, decay_rate=args.decay_rate, reclick=args.reclick,
+                            n_favourites=args.favourites, seed=args.synth_seed)
     dataset = prepare_synthetic(synth, out=args.out, config=_protocol(args))
     print(summary(dataset.manifest, dataset.path))
     return 0
@@ -56,8 +67,14 @@ def _run_synth(args: argparse.Namespace) -> int:
 
 def _run_info(args: argparse.Namespace) -> int:
     from darec.data.store import PreparedDataset
-    dataset = PreparedDataset.open(args.dir)
+    from darec.data.history_flags import shortcut_stats
+    dataset = PreparedDataset.open(args.dir, verify_hash=args.verify)
     print(summary(dataset.manifest, dataset.path))
+    shortcut = shortcut_stats(dataset, "test")
+    print(f"  re-click shortcut: {shortcut.positive_share:.0%} of test positives have their item in the history; "
+          f"the flag alone scores AUC {shortcut.auc:.3f}")
+    if args.verify:
+        print("  verified      every array matches the content hash")
     return 0
 
 
@@ -74,11 +91,18 @@ def summary(manifest: dict, path: Path | str) -> str:
              f"behaviours {p.get('behaviors') or 'all'}"]
     for name, split in manifest["splits"].items():
         lines.append(f"  {name:<13} {split['samples']:,} samples ({split['positives']:,} positive)")
-    lines.append(f"  skipped rows  {manifest.get('skipped_rows', 0):,}")
+    lines.append(f"  skipped rows  {manifest.get('skipped_rows', 0):,} bad, "
+                 f"{manifest.get('duplicate_rows', 0):,} exact duplicates dropped")
     if "planted_truth" in manifest:
         lines.append(f"  planted truth {manifest['planted_truth'].get('file')}")
     lines.append(f"  sha256        {manifest['content_sha256']}")
     return "\n".join(lines)
+
+
+def _overwrite_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out folder even if darec did not write it (and all it holds); "
+                             "a darec dataset there is replaced without it, a file or a folder holding the input never")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -89,6 +113,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--out", type=Path, required=True)
     prep.add_argument("--columns", default=None, help="generic: user=COL,item=COL,category=COL,timestamp=COL[,behavior=COL]")
     prep.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing")
+    _overwrite_arg(prep)
     _protocol_args(prep)
     prep.set_defaults(handler=_run_prepare)
 
@@ -101,6 +126,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--categories", type=int, default=planted.n_categories)
     synth.add_argument("--mean-length", type=int, default=planted.mean_length)
     synth.add_argument("--decay-rate", type=float, default=planted.decay_rate)
+    synth.add_argument("--reclick", type=float, default=planted.reclick,
+                       help="probability that a click re-visits a favourite item (higher: stronger re-click shortcut)")
+    synth.add_argument("--favourites", type=int, default=planted.n_favourites, help="favourite items per (user, category)")
     synth.add_argument("--synth-seed", type=int, default=planted.seed,
                        help="generator seed (--seed is the sampling seed)")
     _protocol_args(synth)
@@ -108,4 +136,5 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     info = subparsers.add_parser("info", help="summarise a prepared dataset")
     info.add_argument("dir", type=Path)
+    info.add_argument("--verify", action="store_true", help="also recompute the content hash (reads every byte)")
     info.set_defaults(handler=_run_info)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from darec.cli.arg_types import device_name, non_negative_int, positive_int
 from darec.errors import ConfigError, DataError
 
 __all__ = ["register", "score_user"]
@@ -22,16 +23,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "search pass over the history (darec.Scorer) and prints the best ones.")
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt (or checkpoint.pt) of `darec train`")
     p.add_argument("--data", type=Path, required=True, help="prepared dataset directory (histories, categories)")
-    p.add_argument("--user", type=int, required=True, help="prepared user index (the `user` column of the splits)")
+    p.add_argument("--user", type=non_negative_int, required=True, help="prepared user index (the `user` column of the splits)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--candidates", type=int, nargs="+", metavar="ITEM", help="candidate item ids")
-    group.add_argument("--n-candidates", type=int, default=100,
+    group.add_argument("--n-candidates", type=positive_int, default=100,
                        help="score this many random item ids instead (default 100)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random candidates")
-    p.add_argument("--max-len", type=int, help="history length (default: the model's max_len; may be longer)")
-    p.add_argument("--top", type=int, default=10, help="rows to print (default 10)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random candidates")
+    p.add_argument("--max-len", type=positive_int, help="history length (default: the model's max_len; may be longer)")
+    p.add_argument("--top", type=positive_int, default=10, help="rows to print (default 10)")
     p.add_argument("--json", type=Path, help="also write every candidate's probability here")
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto")
+    p.add_argument("--device", type=device_name, default="cpu", help="cpu | cuda | cuda:N | auto")
     p.set_defaults(handler=_score)
 
 
@@ -47,10 +48,12 @@ def score_user(*, checkpoint: Path, data: Path, user: int, candidates: np.ndarra
     if not 0 <= user < dataset.n_users:
         raise DataError(f"--user must be in [0, {dataset.n_users}), got {user}", path=data)
     scorer = Scorer.load(checkpoint, device=resolve_device(device))
-    if scorer.config.n_items != dataset.n_items:
-        raise ConfigError(f"checkpoint has {scorer.config.n_items} items, dataset {data} has {dataset.n_items}: "
-                          "score with the dataset the model was trained on")
-    length = max_len or scorer.config.max_len
+    for what in ("n_items", "n_categories"):
+        trained, here = getattr(scorer.config, what), getattr(dataset, what)
+        if trained != here:
+            raise ConfigError(f"checkpoint {checkpoint} was trained with {what}={trained}, dataset {data} has "
+                              f"{here}: score with the dataset the model was trained on")
+    length = scorer.config.max_len if max_len is None else max_len
     if length < 1:
         raise ConfigError(f"--max-len must be >= 1, got {length}")
     if candidates is None:

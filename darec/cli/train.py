@@ -15,45 +15,64 @@ __all__ = ["register", "train_config_from_args"]
 log = logging.getLogger("darec")
 
 
+# Flags with a name or meaning of their own; every other TrainConfig field becomes `--field-name` below.
+_SPECIAL = {"preset", "model", "seed"}
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    """Every TrainConfig option as a flag (help from its description), plus the model shortcuts."""
+    from darec.train.config import TrainConfig
+
     p.add_argument("--config", type=Path, help="YAML run config (train options, preset, model: {...})")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any option, e.g. --set lr=0.001 --set model.top_k=50 (repeatable)")
-    p.add_argument("--attention-dim", type=int, help="K_A per field (decoupled tables only)")
-    p.add_argument("--top-k", type=int, help="behaviours kept by the search (default 20)")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--eval-every", type=int, help="steps between validations (default: 4 per epoch)")
-    p.add_argument("--max-len", type=int, help="history length fed to the model (default: the dataset's)")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--precision", choices=["fp32", "bf16"])
+    p.add_argument("--attention-dim", help="model: K_A per field (decoupled tables only)")
+    p.add_argument("--top-k", help="model: behaviours kept by the search (default 20)")
+    group = p.add_argument_group("training options (TrainConfig; also settable in --config or with --set)")
+    for name, field in TrainConfig.model_fields.items():
+        if name in _SPECIAL:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None,
+                               help=f"{field.description} (default: {field.default})")
+        else:
+            group.add_argument(flag, dest=name, metavar=name.upper(),
+                               help=f"{field.description} (default: {field.default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _value(raw: str) -> Any:
+    """Command-line text as YAML (so `null`, `1e-3`, `true` work); types are checked by TrainConfig."""
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+
+
 def train_config_from_args(args: argparse.Namespace, **fixed: Any):
-    """Defaults < --config YAML < named flags < --set overrides."""
+    """Defaults < --config YAML < named flags < --set overrides; validated once, at the end."""
     from darec.train.config import TrainConfig, load_run_config
 
     base = load_run_config(args.config).to_dict() if args.config else TrainConfig().to_dict()
     model = dict(base.pop("model"))
-    flags = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
-             "eval_every": args.eval_every, "max_len": args.max_len, "device": args.device,
-             "precision": args.precision, **fixed}
-    base.update({k: v for k, v in flags.items() if v is not None})
-    for key, value in (("attention_dim", args.attention_dim), ("top_k", args.top_k),
-                       ("dim", getattr(args, "dim", None))):
-        if value is not None:
-            model[key] = value
+    for name in TrainConfig.model_fields:
+        raw = getattr(args, name, None) if name not in _SPECIAL else None
+        if raw is not None:
+            base[name] = raw if isinstance(raw, bool) else _value(raw)
+    base.update(fixed)
+    for key, raw in (("attention_dim", args.attention_dim), ("top_k", args.top_k),
+                     ("dim", getattr(args, "dim", None))):
+        if raw is not None:
+            model[key] = _value(str(raw))
     for item in args.overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects KEY=VALUE, got {item!r}")
-        value = yaml.safe_load(raw)
         if key.startswith("model."):
-            model[key[6:]] = value
+            model[key[6:]] = _value(raw)
         else:
-            base[key.removeprefix("train.")] = value
+            base[key.removeprefix("train.")] = _value(raw)
     return TrainConfig.from_dict({**base, "model": model})
 
 
@@ -92,9 +111,7 @@ def _presets(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from darec.demo import run_demo
-
-    from darec.demo import DEMO_PRESETS
+    from darec.demo import DEMO_PRESETS, run_demo
 
     print(run_demo(out_dir=args.out, seeds=tuple(args.seeds), presets=tuple(args.presets or DEMO_PRESETS),
                    progress=not args.no_progress))
@@ -106,8 +123,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", default="dare", help="see `darec presets` (default dare)")
     p.add_argument("--data", required=True, type=Path, help="a directory written by `darec prepare`")
     p.add_argument("--out", type=Path, default=Path("runs/train"), help="run directory")
-    p.add_argument("--dim", type=int, help="K_R, embedding dim per field (default 16)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--dim", help="model: K_R, embedding dim per field (default 16)")
+    p.add_argument("--seed", default="1", help="initialisation and shuffling seed")
     p.add_argument("--no-resume", action="store_true", help="ignore an existing checkpoint in --out")
     _add_run_options(p)
     p.set_defaults(handler=_train)
@@ -125,9 +142,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("presets", help="list the model presets")
     p.set_defaults(handler=_presets)
 
-    p = sub.add_parser("demo", help="the main job: MovieLens with the paper's protocol, presets compared")
+    p = sub.add_parser("demo", help="the main job: Table 1 rows compared on MovieLens (dense protocol) and "
+                                    "planted data, with intervals and paired tests")
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--presets", nargs="+", help="default: every Table 1 row but TWIN-V2 (slow on CPU)")
+    p.add_argument("--presets", nargs="+", help="default: DIN, TWIN, TWIN (w/ proj.), TWIN-4E, DARE; "
+                                                "`table1` for every Table 1 row")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=_demo)

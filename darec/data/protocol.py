@@ -1,7 +1,10 @@
 """The DARE data protocol (Feng et al., ICLR 2025, §5 and the official preprocessing): kept clicks → splits.
 
-Per kept user with T clicks h[0..T-1] (oldest first): test target h[T-1], validation h[T-2] and
-`n_train_targets` training targets at offsets 3, 8, …, 93 from the end. Each positive gets
+Per kept user with T clicks h[0..T-1] (oldest first), `targets="paper"`: test target h[T-1], validation
+h[T-2] and `n_train_targets` training targets at offsets 3, 8, …, 93 from the end. `targets="dense"` (for
+small logs, where the paper's 2 evaluation targets per user give AUCs too noisy to compare): every click
+after the first `min_history` is a target, split by time within each user: the last `test_fraction` of a
+user's targets are test, the `val_fraction` before them validation, the rest training. Each positive gets
 `n_negatives` items drawn with probability ∝ global click frequency, never one the user clicked at any
 time. A sample is only a pointer (user row, cut, target, label); its history is the CSR slice
 seq[max(0, cut - max_len):cut], gathered at batch time (see loader.py).
@@ -13,6 +16,7 @@ import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import polars as pl
@@ -38,25 +42,44 @@ class ProtocolConfig:
     """Every number of the protocol; the defaults reproduce the paper (Taobao/Tmall setting).
 
     `behaviors=None` means the source's default (pv for Taobao, click for Tmall, all for MovieLens).
+    `min_clicks=None` means 210 for the paper's targets and 20 for dense ones (MovieLens' own minimum).
     """
 
     behaviors: tuple[str, ...] | None = None
-    min_clicks: int = 210
+    min_clicks: int | None = None
     max_len: int = 200
     n_negatives: int = 2
     n_train_targets: int = 19
-    train_stride: int = 5
+    train_stride: int | None = None  # gap between training targets: 5 paper, 1 dense (every click)
     first_train_offset: int = 3
     seed: int = 0
+    targets: Literal["paper", "dense"] = "paper"
+    min_history: int = 5          # dense: clicks before a user's first target
+    val_fraction: float = 0.1     # dense: share of each user's targets (the latest but test) for validation
+    test_fraction: float = 0.1    # dense: share of each user's targets (the latest) for test
 
     def __post_init__(self) -> None:
+        if self.targets not in ("paper", "dense"):
+            raise ConfigError(f"protocol.targets must be 'paper' or 'dense', got {self.targets!r}")
+        if self.min_clicks is None:
+            object.__setattr__(self, "min_clicks", 210 if self.targets == "paper" else 20)
+        if self.train_stride is None:
+            object.__setattr__(self, "train_stride", 5 if self.targets == "paper" else 1)
+        for name in ("val_fraction", "test_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 0.5:
+                raise ConfigError(f"protocol.{name} must be a number in (0, 0.5), got {value!r}")
         checks = {"min_clicks": (self.min_clicks, 3), "max_len": (self.max_len, 1),
+                  "min_history": (self.min_history, 1),
                   "n_negatives": (self.n_negatives, 1), "n_train_targets": (self.n_train_targets, 0),
                   "train_stride": (self.train_stride, 1), "first_train_offset": (self.first_train_offset, 3),
                   "seed": (self.seed, 0)}
         for name, (value, low) in checks.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ConfigError(f"protocol.{name} must be an integer >= {low}, got {value!r}")
+        if self.targets == "dense" and self.min_clicks < self.min_history + 2:
+            raise ConfigError(f"dense targets need min_clicks >= min_history + 2 (a validation and a test target "
+                              f"per user), got min_clicks {self.min_clicks}, min_history {self.min_history}")
         if self.behaviors is not None and (isinstance(self.behaviors, str) or not self.behaviors):
             raise ConfigError(f"protocol.behaviors must be a non-empty tuple of names or None, got {self.behaviors!r}")
 
@@ -171,12 +194,37 @@ def _n_multi_category(items: np.ndarray, cats: np.ndarray, item_categories: np.n
 
 def _targets(lengths: np.ndarray, config: ProtocolConfig) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """(split, user rows, cuts), user-major; a training target needs at least one click before it."""
+    if config.targets == "dense":
+        yield from _dense_targets(lengths, config)
+        return
     rows = np.arange(len(lengths), dtype=np.int32)
     cuts = lengths[:, None] - config.train_offsets[None, :]  # (U, n_train_targets)
     valid = cuts >= 1
     yield "train", np.broadcast_to(rows[:, None], cuts.shape)[valid], cuts[valid].astype(np.int32)
     yield "val", rows, (lengths - 2).astype(np.int32)
     yield "test", rows, (lengths - 1).astype(np.int32)
+
+
+def _dense_targets(lengths: np.ndarray, config: ProtocolConfig) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Every cut in [min_history, T) is a target; per user the latest ones are test, then validation.
+
+    Each evaluation split takes at least one target per user, so every user is evaluated on their future."""
+    n_targets = np.maximum(lengths - config.min_history, 0)                     # (U,)
+    n_test = np.minimum(np.ceil(config.test_fraction * n_targets).astype(np.int64), n_targets)
+    n_val = np.minimum(np.ceil(config.val_fraction * n_targets).astype(np.int64), n_targets - n_test)
+    rows = np.repeat(np.arange(len(lengths), dtype=np.int32), n_targets)
+    first = np.repeat(np.cumsum(n_targets) - n_targets, n_targets)
+    rank = np.arange(len(rows)) - first                                          # 0 = a user's earliest target
+    cuts = (config.min_history + rank).astype(np.int32)
+    from_end = np.repeat(n_targets, n_targets) - rank                            # 1 = a user's latest target
+    n_eval = np.repeat(n_test + n_val, n_targets)
+    split_of = np.where(from_end <= np.repeat(n_test, n_targets), 2, np.where(from_end <= n_eval, 1, 0))
+    # Training keeps every `train_stride`-th target counted back from the latest one (a smaller, still
+    # time-spread training set when a full pass over every click is more than the budget allows).
+    split_of[(split_of == 0) & ((from_end - n_eval - 1) % config.train_stride != 0)] = -1
+    for code, name in enumerate(SPLITS):
+        keep = split_of == code
+        yield name, rows[keep], cuts[keep]
 
 
 def _make_split(user_rows: np.ndarray, cuts: np.ndarray, *, offsets: np.ndarray, items: np.ndarray,

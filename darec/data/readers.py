@@ -5,6 +5,10 @@ Every reader scans lazily with explicit narrow dtypes and pushes the behaviour f
 bad rows (a parse error, or a null / out-of-range value); only then does a slower, still vectorised
 diagnostic pass re-read the file as raw lines to name the first bad line, column and value, or, with
 `skip_bad_rows=True`, to drop and count them.
+
+Rules every source shares: ids and timestamps are integers >= 0 (a negative one is a bad row); a file that
+is not text (zip, binary, Parquet given as CSV) is refused up front; gzip/zstd CSVs are read as they are;
+exact duplicate rows are dropped, keeping the first, and counted (`RawEvents.n_duplicates`).
 """
 from __future__ import annotations
 
@@ -13,13 +17,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from darec.errors import DataError
 
 __all__ = [
     "RawEvents", "TAOBAO_BEHAVIORS", "TMALL_ACTIONS", "read_taobao", "read_tmall", "read_movielens",
-    "read_movielens_100k", "read_generic", "CANONICAL_COLUMNS",
+    "read_movielens_100k", "read_generic", "CANONICAL_COLUMNS", "drop_duplicate_rows",
 ]
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,7 @@ class RawEvents:
     n_skipped: int
     source: str
     paths: tuple[str, ...]
+    n_duplicates: int = 0
 
 
 @dataclass(frozen=True)
@@ -59,11 +65,53 @@ class _Field:
         return pl.Enum(list(self.kind)) if isinstance(self.kind, tuple) else _DTYPES[self.kind]
 
 
-def _check_file(path: Path) -> None:
+# Leading bytes of formats a CSV reader must not try to parse as text (polars itself reads gzip and zstd).
+_NOT_TEXT = {b"PK\x03\x04": "a zip archive: extract the CSV from it first",
+             b"PK\x05\x06": "an empty zip archive", b"PAR1": "a Parquet file: read it with --source generic",
+             b"BZh": "a bzip2 file: decompress it first", b"\xfd7zXZ\x00": "an xz file: decompress it first",
+             b"7z\xbc\xaf\x27\x1c": "a 7-zip archive: extract the CSV from it first"}
+_COMPRESSED = (b"\x1f\x8b", b"\x28\xb5\x2f\xfd")  # gzip, zstd
+
+
+def _check_file(path: Path, *, text: bool = True) -> None:
+    """A readable, non-empty regular file; with `text`, one that does not start like a binary format."""
+    if path.is_dir():
+        raise DataError("input is a folder, not a file", path=path)
     if not path.is_file():
         raise DataError("input file not found", path=path)
-    if path.stat().st_size == 0:
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(8192)
+    except OSError as err:
+        raise DataError(f"cannot read the input: {err.strerror}", path=path) from None
+    if not head:
         raise DataError("input file is empty", path=path)
+    if not text:
+        return
+    for magic, what in _NOT_TEXT.items():
+        if head.startswith(magic):
+            raise DataError(f"input is {what}", path=path)
+    if b"\x00" in head and not head.startswith(_COMPRESSED):
+        raise DataError("input is a binary file, not a text CSV (it contains NUL bytes)", path=path, line=1)
+
+
+def _lines(path: Path) -> pl.LazyFrame:
+    """The file as raw text lines (`_line`), decoded leniently so that a bad byte is shown, not fatal.
+
+    `_rest` is non-null when a line contains the \\x1f byte this scan splits on (only garbage does).
+    """
+    return pl.scan_csv(path, has_header=False, schema={"_line": pl.String, "_rest": pl.String}, separator="\x1f",
+                       quote_char=None, encoding="utf8-lossy", missing_columns="insert", extra_columns="ignore",
+                       truncate_ragged_lines=True)
+
+
+def _first_line(path: Path) -> str:
+    """The header line (decompressed like the data itself), for the readers whose files have one."""
+    try:
+        first = _lines(path).head(1).collect()
+    except (pl.exceptions.PolarsError, OSError) as err:
+        raise DataError(f"cannot read the header: {str(err).splitlines()[0]}", path=path, line=1) from None
+    return (first["_line"][0] or "").rstrip("\r") if first.height else ""
 
 
 _Valid = tuple[str, pl.Expr] | None  # (column, expression that is False for an out-of-range value)
@@ -71,16 +119,17 @@ _Valid = tuple[str, pl.Expr] | None  # (column, expression that is False for an 
 
 def _check_header(path: Path, expected: Sequence[str], separator: str = ",") -> None:
     _check_file(path)
-    with path.open("r", encoding="utf-8", errors="replace") as handle:
-        first = handle.readline().rstrip("\r\n")
+    first = _first_line(path)
     if tuple(first.split(separator)) != tuple(expected):
         raise DataError(f"unexpected header (expected {separator.join(expected)})", path=path, line=1,
                         value=first[:200])
 
 
 def _bad_expr(fields: Sequence[_Field], valid: _Valid) -> pl.Expr:
-    """True for a row that parsed but is unusable: a missing required value or a failed range check."""
-    bad = pl.any_horizontal([pl.col(f.name).is_null() for f in fields if f.required])
+    """True for a row that parsed but is unusable: a missing required value, a negative id or timestamp, or a
+    failed range check."""
+    bad = pl.any_horizontal([pl.col(f.name).is_null() for f in fields if f.required]
+                            + [pl.col(f.name) < 0 for f in fields if f.required and f.kind in _INT_RANGE])
     return bad if valid is None else bad | ~valid[1].fill_null(True)
 
 
@@ -97,7 +146,9 @@ def _read_delimited(path: Path, *, fields: Sequence[_Field], header: bool, separ
                              schema={f.name: f.dtype for f in fields})
                  .filter(wanted if keep is not None else ~blank).collect())
         n_bad = frame.select(bad.sum()).item()
-    except (pl.exceptions.ComputeError, pl.exceptions.InvalidOperationError, pl.exceptions.SchemaError) as err:
+    except OSError as err:  # e.g. a truncated gzip: nothing a line-by-line diagnosis can locate
+        raise DataError(f"cannot read the input ({err}); is a compressed file truncated?", path=path) from None
+    except pl.exceptions.PolarsError as err:
         log.debug("fast scan of %s failed (%s); running the diagnostic pass", path, str(err).split("\n")[0])
         n_bad = -1
     if n_bad == 0:
@@ -114,10 +165,15 @@ def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: 
     Cost: every line is split as a string (streaming, so memory stays bounded), several times slower than
     the fast path; it runs only on bad input. The why/where of a bad row is worked out for bad rows only.
     """
-    lines = (pl.scan_csv(path, has_header=False, schema={"_line": pl.String}, separator="\x1f", quote_char=None)
-             .with_row_index("_row").filter(pl.col("_row") >= int(header), pl.col("_line").is_not_null()))
-    parts = pl.col("_line").str.strip_chars_end("\r").str.split(separator)
-    exprs, problems = [], []
+    lines = (_lines(path).with_row_index("_row")
+             .filter(pl.col("_row") >= int(header), pl.col("_line").is_not_null() | pl.col("_rest").is_not_null()))
+    parts = pl.col("_line").fill_null("").str.strip_chars_end("\r").str.split(separator)
+    exprs = []
+    problems = [(pl.col("_rest").is_not_null(), "control byte \\x1f in the line (binary data?)", None,
+                 pl.col("_line"))]
+    problems += [(parts.list.get(i, null_on_oob=True).str.contains("\ufffd", literal=True),
+                  "invalid UTF-8 (shown as \ufffd)", f.shown, parts.list.get(i, null_on_oob=True))
+                 for i, f in enumerate(fields)]
     n_fields = parts.list.len()
     problems.append((n_fields != len(fields), f"wrong number of columns (expected {len(fields)})", None, pl.col("_line")))
     for i, f in enumerate(fields):
@@ -136,6 +192,8 @@ def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: 
         exprs.append(parsed.cast(f.dtype).alias(f.name))
         if f.required:
             problems.append((pl.col(f.name).is_null(), why, f.shown, raw))
+        if f.required and f.kind in _INT_RANGE:
+            problems.append((pl.col(f.name) < 0, "negative value (ids and timestamps must be >= 0)", f.shown, raw))
     if valid is not None:
         shown = next(f.shown for f in fields if f.name == valid[0])
         problems.append((~valid[1].fill_null(True), "value out of range", shown, pl.col(valid[0]).cast(pl.String)))
@@ -144,9 +202,9 @@ def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: 
         first = checked.filter(pl.col("_bad")).head(1).collect(engine="streaming")
         if first.height:
             raise _located(first, problems, path)
-        return checked.drop("_line", "_bad", "_row").collect(engine="streaming"), 0
+        return checked.drop("_line", "_rest", "_bad", "_row").collect(engine="streaming"), 0
     wanted = pl.col("_bad") if keep is None else (pl.col("_bad") | keep)
-    rows = checked.filter(wanted).drop("_line").collect(engine="streaming")
+    rows = checked.filter(wanted).drop("_line", "_rest").collect(engine="streaming")
     n_bad = int(rows["_bad"].sum())
     if n_bad:
         log.warning("skipped %d bad rows of %s (first: line %d)", n_bad, path,
@@ -157,19 +215,47 @@ def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: 
 def _located(first: pl.DataFrame, problems: list, path: Path) -> DataError:
     """The first failing check of a bad row (checks are in column order) as a DataError."""
     for cond, why, column, value in problems:
-        hit = first.select(cond.alias("hit"), value.cast(pl.String).alias("value"))
+        hit = first.select(cond.fill_null(False).alias("hit"), value.cast(pl.String).alias("value"))
         if hit["hit"][0]:
+            shown = hit["value"][0] if hit["value"][0] is not None else first["_line"][0]
             return DataError(f"bad row: {why}", path=path, line=first["_row"][0] + 1, column=column,
-                             value=hit["value"][0] if hit["value"][0] is not None else first["_line"][0])
-    return DataError("bad row", path=path, line=first["_row"][0] + 1, value=first["_line"][0])
+                             value=_short(shown))
+    return DataError("bad row", path=path, line=first["_row"][0] + 1, value=_short(first["_line"][0]))
+
+
+def _short(text: str | None, limit: int = 80) -> str | None:
+    """A value short enough for a one-line message (a garbage line can be megabytes long)."""
+    return text if text is None or len(text) <= limit else text[:limit] + "…"
 
 
 def _finish(frame: pl.DataFrame, *, source: str, paths: Sequence[Path], n_skipped: int) -> RawEvents:
     if frame.height == 0:
         raise DataError("no rows left after the behaviour filter", path=paths[0])
     frame = frame.select(*(pl.col(c) for c in CANONICAL_COLUMNS)).with_columns(pl.col("timestamp").cast(pl.Int64))
+    frame, n_duplicates = drop_duplicate_rows(frame)
+    if n_duplicates:
+        log.warning("dropped %d exact duplicate rows of %s (the first of each is kept)", n_duplicates, paths[0])
     log.info("read %s: %d kept events%s", source, frame.height, f", {n_skipped} bad rows skipped" if n_skipped else "")
-    return RawEvents(frame=frame, n_skipped=n_skipped, source=source, paths=tuple(str(p) for p in paths))
+    return RawEvents(frame=frame, n_skipped=n_skipped, source=source, paths=tuple(str(p) for p in paths),
+                     n_duplicates=n_duplicates)
+
+
+def drop_duplicate_rows(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """`frame` without exact repeats of an earlier row (file order kept), and how many were dropped.
+
+    A repeated click would count twice towards the click minimum and appear twice in histories. Cost: one
+    row hash and one sort of the hashes (~1 s per 10M rows on 2 cores); rows are compared exactly only
+    where a hash repeats, so a hash collision never drops a row.
+    """
+    hashes = frame.select(pl.struct(pl.all()).hash()).to_series()
+    ordered = hashes.sort()
+    repeated = ordered.slice(1).filter(ordered.slice(1) == ordered.slice(0, len(ordered) - 1))
+    if repeated.is_empty():
+        return frame, 0
+    candidate = hashes.is_in(repeated.unique().implode()).to_numpy()
+    keep = np.ones(frame.height, dtype=bool)
+    keep[candidate] = frame.filter(candidate).select(pl.struct(pl.all()).is_first_distinct()).to_series().to_numpy()
+    return frame.filter(keep), int(frame.height - keep.sum())
 
 
 def read_taobao(path: str | Path, *, behaviors: Sequence[str] = ("pv",), skip_bad_rows: bool = False) -> RawEvents:
@@ -227,7 +313,8 @@ def read_movielens(ratings: str | Path, movies: str | Path | None = None, *, ski
                                      skip_bad_rows=skip_bad_rows)
     _check_file(movies)
     try:
-        genres = pl.read_csv(movies, columns=["movieId", "genres"], schema_overrides={"movieId": pl.Int32})
+        genres = pl.read_csv(movies, columns=["movieId", "genres"],
+                             schema_overrides={"movieId": pl.Int32, "genres": pl.String})
     except (pl.exceptions.PolarsError, ValueError) as err:
         raise DataError(f"cannot read movies file: {str(err).splitlines()[0]}", path=movies) from None
     genres = genres.select(item=pl.col("movieId"), category=pl.col("genres").str.split("|").list.first())
@@ -243,17 +330,24 @@ def read_movielens_100k(ratings: str | Path, movies: str | Path | None = None, *
     frame, skipped = _read_delimited(ratings, fields=fields, header=False, separator="\t", valid=None, keep=None,
                                      skip_bad_rows=skip_bad_rows)
     _check_file(movies)
-    raw = pl.read_csv(movies, has_header=False, separator="|", quote_char=None, encoding="utf8-lossy",
-                      infer_schema=False)
-    flags = raw.select(pl.col(raw.columns[-19:]).cast(pl.Int8))
-    first_genre = pl.concat_list(pl.all()).list.arg_max()  # first set flag ("unknown" = 0 when none set)
-    genres = pl.DataFrame({"item": raw[raw.columns[0]].cast(pl.Int32),
-                           "category": flags.select(first_genre).to_series().cast(pl.Int32)})
+    try:
+        raw = pl.read_csv(movies, has_header=False, separator="|", quote_char=None, encoding="utf8-lossy",
+                          infer_schema=False)
+        if raw.width < 20:
+            raise DataError(f"movies file has {raw.width} columns; u.item has 24 (id, ..., 19 genre flags)",
+                            path=movies)
+        flags = raw.select(pl.col(raw.columns[-19:]).cast(pl.Int8))
+        first_genre = pl.concat_list(pl.all()).list.arg_max()  # first set flag ("unknown" = 0 when none set)
+        genres = pl.DataFrame({"item": raw[raw.columns[0]].cast(pl.Int32),
+                               "category": flags.select(first_genre).to_series().cast(pl.Int32)})
+    except pl.exceptions.PolarsError as err:
+        raise DataError(f"cannot read movies file: {str(err).splitlines()[0]}", path=movies) from None
     return _join_categories(frame, genres, movies=movies, ratings=ratings, skipped=skipped, source="movielens-100k")
 
 
 def _join_categories(frame: pl.DataFrame, genres: pl.DataFrame, *, movies: Path, ratings: Path, skipped: int,
                      source: str) -> RawEvents:
+    genres = genres.unique("item", keep="first", maintain_order=True)  # a repeated movie must not repeat ratings
     joined = frame.join(genres, on="item", how="left", maintain_order="left")
     missing = joined.with_row_index("_row").filter(pl.col("category").is_null())
     if missing.height:
@@ -268,23 +362,29 @@ def read_generic(path: str | Path, *, columns: Mapping[str, str], behaviors: Seq
                  skip_bad_rows: bool = False, separator: str = ",") -> RawEvents:
     """A CSV (with header) or Parquet file; `columns` maps canonical names to the file's column names.
 
-    Ids and timestamps must be integers. `behaviors` filters on the mapped behaviour column (all rows
-    are kept when it is None or the file has no behaviour column).
+    Ids and timestamps must be integers >= 0 (a Parquet float column is accepted only where every value
+    is integral). `behaviors` filters on the mapped behaviour column (all rows are kept when it is None
+    or the file has no behaviour column).
     """
     path = Path(path)
     missing = {"user", "item", "category", "timestamp"} - set(columns)
     if missing or set(columns) - set(CANONICAL_COLUMNS):
         raise DataError(f"column mapping needs user, item, category, timestamp (+ optional behavior); got {dict(columns)}")
-    _check_file(path)
+    if len(set(columns.values())) != len(columns):
+        raise DataError(f"column mapping uses one file column for two fields: {dict(columns)}")
+    parquet = path.suffix.lower() in {".parquet", ".pq"}
+    _check_file(path, text=not parquet)
     keep = pl.col("behavior").cast(pl.String).is_in(list(behaviors)) if behaviors and "behavior" in columns else None
-    if path.suffix.lower() in {".parquet", ".pq"}:
+    if parquet:
         frame, skipped = _read_parquet(path, columns=columns, keep=keep, skip_bad_rows=skip_bad_rows)
     else:
-        with path.open("r", encoding="utf-8", errors="replace") as handle:
-            header = handle.readline().rstrip("\r\n").split(separator)
+        header = _first_line(path).split(separator)
+        repeated = sorted({h for h in header if header.count(h) > 1})
+        if repeated:
+            raise DataError("column name repeated in the header", path=path, line=1, column=repeated[0])
         absent = [c for c in columns.values() if c not in header]
         if absent:
-            raise DataError(f"column(s) {absent} not in the header {header}", path=path, line=1)
+            raise DataError(f"column(s) {absent} not in the header {_short(str(header))}", path=path, line=1)
         rename = {v: k for k, v in columns.items()}
         kinds = {"user": "i64", "item": "i64", "category": "i64", "timestamp": "i64", "behavior": "str"}
         fields = [_Field(rename.get(h, f"_extra{i}"), kinds.get(rename.get(h, ""), "str"), required=h in rename,
@@ -296,17 +396,34 @@ def read_generic(path: str | Path, *, columns: Mapping[str, str], behaviors: Seq
     return _finish(frame, source="generic", paths=[path], n_skipped=skipped)
 
 
+_ID_COLUMNS = ("user", "item", "category", "timestamp")
+
+
 def _read_parquet(path: Path, *, columns: Mapping[str, str], keep: pl.Expr | None,
                   skip_bad_rows: bool) -> tuple[pl.DataFrame, int]:
+    """Mapped columns of a Parquet file; ids and timestamps become Int64 only when exactly integral and >= 0."""
     try:
         frame = pl.scan_parquet(path).select(**{k: pl.col(v) for k, v in columns.items()}).collect()
-        frame = frame.with_columns(pl.col(c).cast(pl.Int64, strict=True) for c in ("user", "item", "category", "timestamp"))
     except (pl.exceptions.PolarsError, OSError) as err:
         raise DataError(f"cannot read Parquet columns {dict(columns)}: {str(err).splitlines()[0]}", path=path) from None
-    nulls = frame.with_row_index("_row").filter(pl.any_horizontal(pl.all().is_null()))
-    if nulls.height and not skip_bad_rows:
-        row = nulls.row(0, named=True)
-        column = next(c for c in columns if row[c] is None)
-        raise DataError("missing value", path=path, line=row["_row"] + 1, column=columns[column], value=None)
-    frame = frame.drop_nulls()
-    return (frame if keep is None else frame.filter(keep)), nulls.height
+    for name in _ID_COLUMNS:
+        dtype = frame.schema[name]
+        if not (dtype.is_numeric() or dtype == pl.String):
+            raise DataError(f"column holds {dtype}; ids and timestamps must be integers", path=path,
+                            column=columns[name])
+    as_int = {name: pl.col(name).cast(pl.Int64, strict=False) for name in _ID_COLUMNS}
+    problems = [(name, pl.col(name).is_null(), "missing value") for name in columns]  # (column, is bad, why)
+    for name in _ID_COLUMNS:
+        integral = pl.col(name).cast(pl.Float64, strict=False) == as_int[name].cast(pl.Float64)
+        problems += [(name, as_int[name].is_null() | ~integral.fill_null(False), "not an integer"),
+                     (name, as_int[name] < 0, "negative value (ids and timestamps must be >= 0)")]
+    flags = frame.select(*(cond.fill_null(False).alias(f"_p{i}") for i, (_, cond, _) in enumerate(problems)))
+    bad = flags.select(pl.any_horizontal(pl.all())).to_series()
+    n_bad = int(bad.sum())
+    if n_bad and not skip_bad_rows:
+        row = int(bad.arg_max())
+        name, _, why = next(problem for i, problem in enumerate(problems) if flags[f"_p{i}"][row])
+        raise DataError(f"bad row {row + 1}: {why}", path=path, column=columns[name],
+                        value=_short(str(frame[name][row])))
+    frame = frame.filter(~bad).with_columns(**as_int)
+    return (frame if keep is None else frame.filter(keep)), n_bad

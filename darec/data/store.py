@@ -16,21 +16,24 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from darec import __version__
 from darec.data.protocol import SAMPLE_DTYPE, SPLITS, PreparedArrays
 from darec.errors import DataError
-from darec.io import atomic_dir, write_json
+from darec.io import atomic_dir, fault_point, recover_swap, write_json
 
-__all__ = ["FORMAT_VERSION", "PreparedDataset", "write_prepared", "content_hash"]
+__all__ = ["FORMAT_VERSION", "PreparedDataset", "write_prepared", "content_hash", "is_prepared_dir"]
 
 FORMAT_VERSION = 1
 _SEQUENCES = ("offsets", "items", "categories", "timestamps")
+_MANIFEST = "manifest.json"
 
 
 def _arrays(prepared: PreparedArrays) -> dict[str, np.ndarray]:
@@ -50,19 +53,33 @@ def content_hash(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def write_prepared(out: str | Path, prepared: PreparedArrays, *, manifest: dict[str, Any],
-                   extra: Callable[[Path, PreparedArrays], dict[str, Any] | None] | None = None) -> Path:
-    """Write everything into a temporary sibling of `out` and rename it into place only on success.
+def _relative_files(root: Path) -> set[str]:
+    """Every entry under `root` that is not a real sub-folder (files, links, …), as posix paths."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder).relative_to(root)
+        found.update((here / name).as_posix() for name in files)
+        found.update((here / name).as_posix() for name in dirs if os.path.islink(os.path.join(folder, name)))
+    return found
 
-    `manifest` carries the caller's fields (source, protocol, skipped rows); sizes, counts and the hash
-    are added here. `extra(tmp_dir, prepared)` may write more files (e.g. the planted truth) and return manifest
-    fields to merge.
+
+def write_prepared(out: str | Path, prepared: PreparedArrays, *, manifest: dict[str, Any],
+                   extra: Callable[[Path, PreparedArrays], dict[str, Any] | None] | None = None,
+                   overwrite: bool = False, protect: Sequence[str | Path] = ()) -> Path:
+    """Write everything into a temporary sibling of `out` and swap it into place only on success.
+
+    An existing `out` is replaced only when it is a dataset darec wrote (`is_prepared_dir`) or `overwrite`
+    is set; never when it is a file or holds one of `protect` (the inputs); see `darec.io.atomic_dir`.
+    `manifest` carries the caller's fields (source, protocol, skipped rows); sizes, counts, the file list
+    and the hash are added here. `extra(tmp_dir, prepared)` may write more files (e.g. the planted truth)
+    and return manifest fields to merge.
     """
     arrays = _arrays(prepared)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, replaceable=is_prepared_dir, overwrite=overwrite, protect=protect) as tmp:
         (tmp / "sequences").mkdir()
         for name, array in arrays.items():
             np.save(tmp / name, array, allow_pickle=False)
+            fault_point("writing")
         full = dict(manifest)
         full.update({
             "format_version": FORMAT_VERSION, "darec_version": __version__,
@@ -75,14 +92,133 @@ def write_prepared(out: str | Path, prepared: PreparedArrays, *, manifest: dict[
         })
         if extra is not None:
             full.update(extra(tmp, prepared) or {})
-        write_json(tmp / "manifest.json", full)
+        full["files"] = sorted(_relative_files(tmp))
+        write_json(tmp / _MANIFEST, full)
     return Path(out)
 
 
-class PreparedDataset:
-    """Read-only view of a prepared directory; every array is memory-mapped, so opening costs nothing."""
+def _read_manifest(path: Path) -> Any:
+    """The parsed manifest.json of `path` (any JSON value), or DataError when it is missing or not JSON."""
+    file = path / _MANIFEST
+    if not file.is_file():
+        raise DataError("not a prepared dataset (no manifest.json); run `darec prepare` first", path=path)
+    try:
+        return json.loads(file.read_bytes())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise DataError(f"unreadable manifest: {getattr(err, 'msg', None) or err.__class__.__name__}", path=file,
+                        line=getattr(err, "lineno", None)) from None
+    except OSError as err:
+        raise DataError(f"cannot read the manifest: {err.strerror}", path=file) from None
 
-    def __init__(self, path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+
+def is_prepared_dir(path: Path) -> bool:
+    """True when `path` holds a darec manifest and nothing but the files that manifest lists.
+
+    Used to decide whether an existing `--out` may be replaced: a user's file dropped into a dataset
+    folder makes it no longer darec's alone. (Manifests written before the file list existed are trusted.)
+    """
+    try:
+        manifest = _read_manifest(path)
+    except DataError:
+        return False
+    if not (isinstance(manifest, dict) and isinstance(manifest.get("format_version"), int)
+            and isinstance(manifest.get("content_sha256"), str) and "darec_version" in manifest):
+        return False
+    listed = manifest.get("files")
+    return listed is None or (isinstance(listed, list) and _relative_files(path) <= {*map(str, listed), _MANIFEST})
+
+
+class _SplitCounts(BaseModel):
+    model_config = ConfigDict(strict=True)
+    samples: StrictInt = Field(ge=0)
+    positives: StrictInt = Field(ge=0)
+
+
+class _ProtocolFields(BaseModel):
+    """Only what readers of a dataset rely on; the protocol's other numbers are recorded as they are."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    max_len: StrictInt = Field(ge=1)
+
+
+class _Manifest(BaseModel):
+    """The fields a dataset is checked against when opened; unknown fields are kept (newer writers)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    format_version: StrictInt
+    darec_version: StrictStr
+    source: StrictStr
+    protocol: _ProtocolFields
+    n_items: StrictInt = Field(ge=1)
+    n_categories: StrictInt = Field(ge=1)
+    n_users: StrictInt = Field(ge=0)
+    n_events: StrictInt = Field(ge=0)
+    splits: dict[str, _SplitCounts]
+    stats: dict[str, Any]
+    content_sha256: StrictStr = Field(pattern=r"^[0-9a-f]{64}$")
+    files: list[StrictStr] | None = None
+
+
+def _validated_manifest(path: Path) -> dict[str, Any]:
+    manifest = _read_manifest(path)
+    file = path / _MANIFEST
+    if not isinstance(manifest, dict):
+        raise DataError(f"manifest is a JSON {type(manifest).__name__}, not an object", path=file)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(f"prepared format {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
+                        "prepare the data again", path=file)
+    try:
+        _Manifest.model_validate(manifest)
+    except ValidationError as err:
+        first = err.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        value = first["input"] if first["type"] != "missing" else None
+        raise DataError(f"invalid manifest field {field!r}: {first['msg']}", path=file,
+                        value=value if isinstance(value, (int, float, str, type(None))) else str(value)[:80]) from None
+    if set(manifest["splits"]) != set(SPLITS):
+        raise DataError(f"invalid manifest: splits must be {list(SPLITS)}", path=file, column="splits",
+                        value=sorted(manifest["splits"]))
+    return manifest
+
+
+def _load(file: Path, dtype: np.dtype, length: int) -> np.ndarray:
+    """Memory-map one .npy after checking its header, dtype, length and exact size against the manifest."""
+    if not file.is_file():
+        raise DataError("prepared dataset is missing a file; prepare the data again", path=file)
+    try:
+        array = np.load(file, mmap_mode="r", allow_pickle=False)
+    except (ValueError, EOFError, OSError) as err:
+        raise DataError(f"corrupt or truncated array file ({str(err).splitlines()[0]}); prepare the data again",
+                        path=file) from None
+    if array.dtype != dtype or array.shape != (length,):
+        raise DataError(f"array is {array.dtype} {array.shape}, the manifest says {dtype} ({length},); "
+                        "prepare the data again", path=file)
+    size, expected = file.stat().st_size, array.offset + array.nbytes
+    if size != expected:
+        raise DataError(f"array file is {size:,} bytes, expected {expected:,}; prepare the data again", path=file)
+    return array
+
+
+def _check_range(values: np.ndarray, low: int, high: int | np.ndarray, *, file: Path, what: str,
+                 column: str | None = None) -> None:
+    """Every value in [low, high) (`high` may be per value), else a DataError naming the first offender."""
+    bad = np.flatnonzero((values < low) | (values >= high))
+    if bad.size:
+        raise DataError(f"prepared dataset is inconsistent: {what}; prepare the data again", path=file,
+                        column=column, value=int(values[bad[0]]))
+
+
+class PreparedDataset:
+    """Read-only view of a prepared directory; every array is memory-mapped.
+
+    `open` verifies the dataset before anyone trains on it: the manifest's schema, every array file's
+    dtype, length and size, and that all ids and pointers are in range (so a damaged dataset fails at
+    open, not with an IndexError mid-training). `open(..., verify_hash=True)` also recomputes the content
+    hash (reads every byte).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray],
+                 splits: dict[str, np.ndarray]) -> None:
         self.path = path
         self.manifest = manifest
         self.offsets = arrays["offsets"]
@@ -90,38 +226,39 @@ class PreparedDataset:
         self.categories = arrays["categories"]
         self.timestamps = arrays["timestamps"]
         self.item_categories = arrays["item_categories"]
-        self._splits: dict[str, np.ndarray] = {}
+        self._splits = splits
 
     @classmethod
-    def open(cls, path: str | Path) -> "PreparedDataset":
-        """Raises DataError when `path` is not a prepared directory of a format this version reads."""
+    def open(cls, path: str | Path, *, verify_hash: bool = False) -> "PreparedDataset":
+        """Raises DataError when `path` is not a complete, consistent prepared directory this version reads."""
         path = Path(path)
-        manifest_path = path / "manifest.json"
-        if not manifest_path.is_file():
-            raise DataError("not a prepared dataset (no manifest.json); run `darec prepare` first", path=path)
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as err:
-            raise DataError(f"unreadable manifest: {err.msg}", path=manifest_path, line=err.lineno) from None
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise DataError(f"prepared format {manifest.get('format_version')!r} is not {FORMAT_VERSION}; "
-                            "prepare the data again", path=manifest_path)
-        arrays = {name: cls._load(path / "sequences" / f"{name}.npy") for name in _SEQUENCES}
-        arrays["item_categories"] = cls._load(path / "item_categories.npy")
-        return cls(path, manifest, arrays)
-
-    @staticmethod
-    def _load(file: Path) -> np.ndarray:
-        if not file.is_file():
-            raise DataError("prepared dataset is missing a file", path=file)
-        return np.load(file, mmap_mode="r", allow_pickle=False)
+        recover_swap(path)
+        manifest = _validated_manifest(path)
+        n_users, n_events = manifest["n_users"], manifest["n_events"]
+        lengths = {"offsets": n_users + 1, "items": n_events, "categories": n_events, "timestamps": n_events}
+        dtypes = {"offsets": np.int64, "items": np.int32, "categories": np.int32, "timestamps": np.int64}
+        arrays = {name: _load(path / "sequences" / f"{name}.npy", np.dtype(dtypes[name]), lengths[name])
+                  for name in _SEQUENCES}
+        arrays["item_categories"] = _load(path / "item_categories.npy", np.dtype(np.int32), manifest["n_items"])
+        splits = {name: _load(path / f"{name}.npy", SAMPLE_DTYPE, manifest["splits"][name]["samples"])
+                  for name in SPLITS}
+        for name in manifest.get("files") or ():
+            if not (path / name).is_file():
+                raise DataError("prepared dataset is missing a file; prepare the data again", path=path / name)
+        _check_consistency(path, manifest, arrays, splits)
+        if verify_hash:
+            stored = {f"sequences/{name}.npy": arrays[name] for name in _SEQUENCES}
+            stored["item_categories.npy"] = arrays["item_categories"]
+            stored.update({f"{name}.npy": splits[name] for name in SPLITS})
+            if content_hash(stored) != manifest["content_sha256"]:
+                raise DataError("content hash mismatch: the arrays changed since `darec prepare` wrote them; "
+                                "prepare the data again", path=path)
+        return cls(path, manifest, arrays, splits)
 
     def split(self, name: str) -> np.ndarray:
         """The structured sample array of `name` (train, val or test), memory-mapped."""
         if name not in SPLITS:
             raise DataError(f"unknown split {name!r}; expected one of {SPLITS}", path=self.path)
-        if name not in self._splits:
-            self._splits[name] = self._load(self.path / f"{name}.npy")
         return self._splits[name]
 
     @property
@@ -144,3 +281,38 @@ class PreparedDataset:
 
     def __repr__(self) -> str:
         return f"PreparedDataset({str(self.path)!r}, users={self.n_users}, items={self.n_items})"
+
+
+def _check_consistency(path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray],
+                       splits: dict[str, np.ndarray]) -> None:
+    """Ids within the vocabularies, CSR offsets monotone, every sample pointing inside its user's clicks.
+
+    Cost: a few vectorised passes (min/max-like) over the arrays, small next to one training epoch.
+    """
+    n_items, n_categories, n_events = manifest["n_items"], manifest["n_categories"], manifest["n_events"]
+    offsets = np.asarray(arrays["offsets"])
+    lengths = np.diff(offsets)
+    file = path / "sequences" / "offsets.npy"
+    if offsets[0] != 0 or offsets[-1] != n_events:
+        raise DataError(f"prepared dataset is inconsistent: offsets must run from 0 to n_events = {n_events}; "
+                        "prepare the data again", path=file)
+    _check_range(lengths, 0, n_events + 1, file=file, what="offsets must not decrease")
+    items, categories = f"item ids must be in [1, n_items = {n_items})", \
+        f"category ids must be in [1, n_categories = {n_categories})"
+    _check_range(arrays["items"], 1, n_items, file=path / "sequences" / "items.npy", what=items)
+    _check_range(arrays["categories"], 1, n_categories, file=path / "sequences" / "categories.npy", what=categories)
+    _check_range(arrays["item_categories"], 0, n_categories, file=path / "item_categories.npy",
+                 what=f"category ids must be in [0, n_categories = {n_categories})")
+    for name, samples in splits.items():
+        file = path / f"{name}.npy"
+        _check_range(samples["user"], 0, len(lengths), file=file, column="user",
+                     what=f"user rows must be in [0, n_users = {len(lengths)})")
+        _check_range(samples["cut"], 0, lengths[np.asarray(samples["user"])], file=file, column="cut",
+                     what="a sample's cut must lie inside its user's clicks")
+        _check_range(samples["item"], 1, n_items, file=file, column="item", what=items)
+        _check_range(samples["category"], 1, n_categories, file=file, column="category", what=categories)
+        _check_range(samples["label"], 0, 2, file=file, column="label", what="labels must be 0 or 1")
+        positives, expected = int(np.count_nonzero(samples["label"])), manifest["splits"][name]["positives"]
+        if positives != expected:
+            raise DataError(f"prepared dataset is inconsistent: {positives} positives, the manifest says "
+                            f"{expected}; prepare the data again", path=file)

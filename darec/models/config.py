@@ -5,6 +5,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from pydantic import TypeAdapter, ValidationError
+
 from darec.errors import ConfigError, reject_unknown_keys
 
 __all__ = ["ModelConfig", "TABLE_LAYOUTS", "ROLES"]
@@ -85,9 +87,13 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """Type-checked construction: `dim: big` is one ConfigError line, not a TypeError deep inside."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"model options must be a mapping, got {type(data).__name__} {data!r}")
         reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, section="model")
-        data = dict(data)
-        for name in ("hidden", "aux_hidden"):
-            if name in data:
-                data[name] = tuple(data[name])
-        return cls(**data)
+        try:
+            return TypeAdapter(cls).validate_python(data)
+        except ValidationError as err:
+            parts = [f"model.{'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e['input']!r})"
+                     for e in err.errors()]
+            raise ConfigError("; ".join(parts)) from None

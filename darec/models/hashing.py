@@ -2,9 +2,11 @@
 
 Both hash the attention embeddings [item; category] (query role for the target, key role for the
 history) with SimHash: sign(x @ P) for random Gaussian hyperplanes P, whose bit agreement rate
-estimates 1 - angle / pi. P is drawn once from a private generator seeded by the `seed` option and
-stored as a registered *buffer*, so it is saved in the state dict and identical at evaluation
-(LongCTR re-draws it every forward pass, peers.md §1.10).
+estimates 1 - angle / pi. P is drawn once, when the model is built, from torch's global generator, so
+it follows the run's seed like every initial weight (the trainer seeds before building; the `seed`
+search option pins it to a private generator instead). It is a registered *buffer*: saved in the state
+dict, so evaluation and serving use the trained planes (LongCTR re-draws it every forward pass,
+peers.md §1.10).
 
 - ETA: top-K behaviours by Hamming distance to the target's signature (ties: most recent first;
   padding never while K real behaviours exist), then TWIN's target attention over the K.
@@ -33,9 +35,11 @@ __all__ = ["random_hyperplanes", "sign_bits", "sign_vectors", "pack_bits", "popc
 WORD_BITS = 32  # bits per packed int64 word: values stay < 2^32, so shifts and the popcount are sign-safe
 
 
-def random_hyperplanes(dim: int, bits: int, *, seed: int) -> torch.Tensor:
-    """(dim, bits) N(0, 1) hyperplanes from a private generator (the global RNG is left untouched)."""
-    return torch.randn(dim, bits, generator=torch.Generator().manual_seed(seed))
+def random_hyperplanes(dim: int, bits: int, *, seed: int | None = None) -> torch.Tensor:
+    """(dim, bits) N(0, 1) hyperplanes: from torch's global generator (so `torch.manual_seed` decides
+    them), or from a private generator seeded by `seed` (the global RNG is then left untouched)."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.randn(dim, bits, generator=generator)
 
 
 def sign_bits(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
@@ -75,7 +79,7 @@ class HammingScore(nn.Module):
     """ETA's GSU score: minus the Hamming distance between SimHash signatures of the attention
     embeddings. Costs O(L D bits) to hash here; in serving the history's codes are cached per item."""
 
-    def __init__(self, *, dim: int, bits: int, seed: int) -> None:
+    def __init__(self, *, dim: int, bits: int, seed: int | None) -> None:
         super().__init__()
         self.register_buffer("planes", random_hyperplanes(dim, bits, seed=seed))        # (D, bits)
 
@@ -140,7 +144,7 @@ class SDIMSearch(nn.Module):
     position and `weights` (B, L) are each behaviour's exact share of r, so r = sum_i w_i v_i;
     `scores` is the fraction of hashes in which a behaviour collides with the target."""
 
-    def __init__(self, *, dim: int, hashes: int, bits_per_hash: int, seed: int) -> None:
+    def __init__(self, *, dim: int, hashes: int, bits_per_hash: int, seed: int | None) -> None:
         super().__init__()
         self.hashes = hashes
         self.n_buckets = 1 << bits_per_hash
@@ -182,19 +186,23 @@ class SDIMSearch(nn.Module):
         return Interest(r=r, r_full=r_full, index=index, weights=weights, scores=scores)
 
 
-def _positive(options: dict, *names: str) -> None:
+def _check_options(options: dict, *names: str) -> None:
+    """`names` must be positive integers; `seed` null or a non-negative integer."""
     for name in names:
         value = options[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ConfigError(f"search option {name} must be a positive integer, got {value!r}")
+    seed = options["seed"]
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise ConfigError(f"search option seed must be null (the run's seed) or an integer >= 0, got {seed!r}")
 
 
 @register_search("eta")
 def _eta(config: ModelConfig) -> nn.Module:
     """ETA: SimHash top-K + dot-product target attention over the K. 32 bits by default: one packed
     word, the value LongCTR's tuning picked most often, and few Hamming ties among ~200 behaviours."""
-    options = search_options(config, {"bits": 32, "seed": 0})
-    _positive(options, "bits")
+    options = search_options(config, {"bits": 32, "seed": None})
+    _check_options(options, "bits")
     return SplitSearch(scorer=HammingScore(dim=2 * config.attn_dim, bits=options["bits"], seed=options["seed"]),
                        select=select_nearest_codes, esu=DotScore(), top_k=config.top_k, aux=DotScore())
 
@@ -202,8 +210,8 @@ def _eta(config: ModelConfig) -> nn.Module:
 @register_search("sdim")
 def _sdim(config: ModelConfig) -> nn.Module:
     """SDIM with the paper's defaults m = 48 hashes of tau = 3 bits."""
-    options = search_options(config, {"hashes": 48, "bits_per_hash": 3, "seed": 0})
-    _positive(options, "hashes", "bits_per_hash")
+    options = search_options(config, {"hashes": 48, "bits_per_hash": 3, "seed": None})
+    _check_options(options, "hashes", "bits_per_hash")
     if options["bits_per_hash"] > 30:
         raise ConfigError(f"bits_per_hash must be <= 30, got {options['bits_per_hash']}")
     return SDIMSearch(dim=2 * config.attn_dim, hashes=options["hashes"], bits_per_hash=options["bits_per_hash"],

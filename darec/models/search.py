@@ -121,18 +121,23 @@ def attend(emb: RoleEmbeddings, batch: Batch, logits: torch.Tensor, index: torch
 
 class TargetAttention(nn.Module):
     """Score all L behaviours, select K of them, softmax over the selected K (TWIN's consistent
-    search and attention; DARE is the same module on decoupled tables)."""
+    search and attention; DARE is the same module on decoupled tables).
+
+    `aux_over_kept`: the aux head's attention covers the kept K only (the reference's hard search masks
+    the history to its K before any attention, so its aux head sees r itself), not the whole history."""
 
     def __init__(self, *, scorer: nn.Module, select: Callable[[torch.Tensor, Batch, int], torch.Tensor],
-                 top_k: int) -> None:
+                 top_k: int, aux_over_kept: bool = False) -> None:
         super().__init__()
-        self.scorer, self.select, self.top_k = scorer, select, top_k
+        self.scorer, self.select, self.top_k, self.aux_over_kept = scorer, select, top_k, aux_over_kept
 
     def forward(self, emb: RoleEmbeddings, batch: Batch, *, full: bool = False) -> Interest:
         scores = self.scorer(emb, batch)                                            # (B, L)
         index = self.select(scores, batch, self.top_k)                              # (B, K)
         r, weights = attend(emb, batch, scores, index)
-        r_full = attend(emb, batch, scores, None)[0] if full else None
+        r_full = None
+        if full:
+            r_full = r if self.aux_over_kept else attend(emb, batch, scores, None)[0]
         return Interest(r=r, r_full=r_full, index=index, weights=weights, scores=scores)
 
 
@@ -152,7 +157,8 @@ def _topk(config: ModelConfig) -> nn.Module:
 
 @register_search("hard")
 def _hard(config: ModelConfig) -> nn.Module:
-    return TargetAttention(scorer=_scorer(config), select=select_recent_same_category, top_k=config.top_k)
+    return TargetAttention(scorer=_scorer(config), select=select_recent_same_category, top_k=config.top_k,
+                           aux_over_kept=True)
 
 
 @register_search("full")

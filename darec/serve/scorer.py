@@ -24,17 +24,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from darec.checkpoint import load_model_checkpoint
 from darec.errors import ConfigError, DataError
-from darec.models.config import ModelConfig
 from darec.models.embedding import RoleEmbeddings
 from darec.models.head import head_features
 from darec.models.hashing import nearest_codes_key, sign_vectors
 from darec.models.search import masked_softmax, recent_same_category_key
-from darec.models.two_stage import TwoStageModel, build_model
+from darec.models.two_stage import TwoStageModel
 from darec.registry import registrar
 from darec.serve.fused_search import search_topk
 
-__all__ = ["Scorer", "History", "SearchResult", "SERVE_SEARCHES", "register_serve_search", "load_checkpoint"]
+__all__ = ["Scorer", "History", "SearchResult", "SERVE_SEARCHES", "register_serve_search"]
 
 log = logging.getLogger(__name__)
 
@@ -180,22 +180,6 @@ def _logits_at(inputs: _SearchInputs, index: torch.Tensor) -> SearchResult:
     return SearchResult(logits=logits, index=index)
 
 
-def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> TwoStageModel:
-    """The model in a trainer checkpoint (`best.pt` or `checkpoint.pt`: keys model_config, model)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("checkpoint not found", path=path)
-    try:
-        ckpt = torch.load(path, map_location=device, weights_only=True)
-    except Exception as err:  # unpickling errors have many types; all mean "not our checkpoint"
-        raise DataError(f"unreadable checkpoint: {err}", path=path) from None
-    if not isinstance(ckpt, dict) or not {"model_config", "model"} <= set(ckpt):
-        raise DataError("not a darec checkpoint (needs keys 'model_config' and 'model')", path=path)
-    model = build_model(ModelConfig.from_dict(ckpt["model_config"]))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval()
-
-
 class Scorer:
     """Click probabilities of C candidates for each of U users, sharing one history pass per user.
 
@@ -220,7 +204,7 @@ class Scorer:
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", fused: bool | None = None) -> "Scorer":
-        return cls(load_checkpoint(path, device=device), fused=fused)
+        return cls(load_model_checkpoint(path, device=device), fused=fused)
 
     @property
     def device(self) -> torch.device:

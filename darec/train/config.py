@@ -1,66 +1,97 @@
-"""Run configuration: preset + model overrides + optimisation settings, loadable from YAML."""
+"""Run configuration: preset + model overrides + optimisation settings, loadable from YAML.
+
+Validated by pydantic, so a wrong type (`lr: fast`, `batch_size: 1.5`, `model: 3`) is one line naming the
+key, the value and what was expected. Every field's description doubles as its `--help` text.
+"""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from darec.errors import ConfigError, reject_unknown_keys
+from darec.errors import ConfigError
 
-__all__ = ["TrainConfig", "load_run_config"]
+__all__ = ["TrainConfig", "load_run_config", "validation_message"]
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    """Defaults reproduce the reference's training set-up (Adam 0.01, L2 1e-6, batch 2048, 2 epochs)."""
+def validation_message(err: ValidationError, *, section: str) -> str:
+    """One line per bad field: `train.lr: Input should be a valid number (got 'fast')`."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in (section, *e["loc"]))
+        got = f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""
+        msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"]
+        parts.append(f"{key}: {msg}{got}")
+    return "; ".join(parts)
 
-    preset: str = "dare"
-    model: dict[str, Any] = field(default_factory=dict)   # ModelConfig overrides, e.g. {"dim": 64}
-    lr: float = 0.01
-    l2: float = 1e-6                  # weight * sum(w^2) over non-embedding, non-bias weights
-    aux_weight: float = 1.0
-    batch_size: int = 2048
-    eval_batch_size: int = 4096
-    epochs: int = 2
-    eval_every: int | None = None     # steps between validations; None = 4 per epoch
-    seed: int = 1
-    max_len: int | None = None        # history length fed to the model; None = the dataset's
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"           # fp32 | bf16 (autocast)
-    sparse_optimizer: bool = False    # row-sparse Adam on embedding tables (large vocabularies)
-    compile: bool = False             # torch.compile the model
-    deterministic: bool = True        # deterministic kernels: a resumed run equals an uninterrupted one
 
-    def __post_init__(self) -> None:
-        for name in ("lr", "batch_size", "eval_batch_size", "epochs"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"train.{name} must be > 0, got {getattr(self, name)}")
-        if self.l2 < 0 or self.aux_weight < 0:
-            raise ConfigError("train.l2 and train.aux_weight must be >= 0")
-        if self.eval_every is not None and self.eval_every < 1:
-            raise ConfigError(f"train.eval_every must be >= 1, got {self.eval_every}")
-        if self.precision not in ("fp32", "bf16"):
-            raise ConfigError(f"train.precision must be fp32 or bf16, got {self.precision!r}")
+class TrainConfig(BaseModel):
+    """Defaults: the reference's optimiser (Adam 0.01, L2 1e-6, batch 2048, 2 epochs) with early stopping
+    on validation logloss, so an overconfident late checkpoint is never the one tested."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", protected_namespaces=())
+
+    preset: str = Field("dare", description="model preset (see `darec presets`)")
+    model: dict[str, Any] = Field(default_factory=dict, description="ModelConfig overrides, e.g. {dim: 64}")
+    lr: float = Field(0.01, gt=0, description="learning rate")
+    l2: float = Field(1e-6, ge=0, description="weight * sum(w^2) over non-embedding, non-bias weights")
+    aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary head's loss")
+    batch_size: int = Field(2048, gt=0, description="training batch size")
+    eval_batch_size: int = Field(4096, gt=0, description="evaluation batch size")
+    epochs: int = Field(2, gt=0, description="maximum number of epochs")
+    eval_every: int | None = Field(None, ge=1, description="steps between validations (null: 4 per epoch)")
+    select_metric: Literal["logloss", "auc"] = Field(
+        "logloss", description="validation metric that picks the tested checkpoint and drives early stopping")
+    patience: int | None = Field(3, ge=1, description="stop after this many validations without improvement "
+                                                      "(null: never stop early)")
+    temperature_scaling: bool = Field(False, description="fit a logit temperature on validation after training")
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule after warm-up")
+    warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up steps")
+    grad_clip: float | None = Field(None, gt=0, description="clip the global gradient norm to this value")
+    seed: int = Field(1, description="initialisation and shuffling seed")
+    max_len: int | None = Field(None, ge=1, description="history length fed to the model (null: the dataset's)")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    precision: Literal["fp32", "bf16"] = Field("fp32", description="fp32, or bf16 autocast")
+    sparse_optimizer: bool = Field(True, description="row-sparse Adam on embedding rows a batch touched "
+                                                     "(same AUC as dense Adam, far faster on large vocabularies)")
+    threads: int | None = Field(None, ge=1, description="CPU threads (null: torch's); recorded, part of the "
+                                                        "run's identity: results are bit-identical per thread count")
+    compile: bool = Field(False, description="torch.compile the model")
+    deterministic: bool = Field(True, description="deterministic kernels: a resumed run equals an uninterrupted one")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
+        return value
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ConfigError(validation_message(err, section="train")) from None
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
     def key(self) -> str:
-        """Stable hash of everything that changes the result (cache key for `darec table`)."""
+        """Stable hash of everything in the configuration (part of `darec table`'s cache key)."""
         blob = json.dumps(self.to_dict(), sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def replace(self, **changes: Any) -> "TrainConfig":
-        return dataclasses.replace(self, **changes)
+        return TrainConfig(**{**self.to_dict(), **changes})
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
-        reject_unknown_keys(data, {f.name for f in dataclasses.fields(cls)}, section="train")
         return cls(**data)
 
 
@@ -68,11 +99,20 @@ def load_run_config(path: str | Path) -> TrainConfig:
     """Read a YAML run config: top-level train options, `preset`, and a `model:` mapping."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config {path} is a directory, expected a YAML file") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config {path}: not UTF-8 text (byte {err.start})") from None
+    except OSError as err:
+        raise ConfigError(f"config {path}: cannot read: {err.strerror}") from None
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level")
-    return TrainConfig.from_dict(data)
+        raise ConfigError(f"{path}: expected a mapping of options at the top level, got {type(data).__name__}")
+    try:
+        return TrainConfig.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None

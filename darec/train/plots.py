@@ -16,7 +16,7 @@ __all__ = ["plot_curves"]
 
 
 def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
-    """Validation AUC and accuracy against training step, one line per preset (mean over seeds), per dim."""
+    """Validation AUC and logloss against training step, one line per preset (mean over seeds), per dim."""
     dims = sorted({r["dim"] for r in runs})
     fig, axes = plt.subplots(2, len(dims), figsize=(5 * len(dims), 7), squeeze=False)
     for col, dim in enumerate(dims):
@@ -24,10 +24,10 @@ def plot_curves(runs: list[dict[str, Any]], path: str | Path) -> None:
             curves = [r["curve"] for r in runs if r["dim"] == dim and r["preset"] == preset]
             n = min(len(c) for c in curves)
             steps = [p["step"] for p in curves[0][:n]]
-            for row, metric in enumerate(("val_auc", "val_accuracy")):
+            for row, metric in enumerate(("val_auc", "val_logloss")):
                 values = np.mean([[p[metric] for p in c[:n]] for c in curves], axis=0)
                 axes[row][col].plot(steps, values, marker=".", label=preset)
-        for row, label in enumerate(("validation AUC", "validation accuracy")):
+        for row, label in enumerate(("validation AUC", "validation logloss")):
             axes[row][col].set(xlabel="training step", ylabel=label, title=f"dim = {dim}")
             axes[row][col].grid(alpha=0.3)
         axes[0][col].legend(fontsize=8)

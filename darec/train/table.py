@@ -1,4 +1,5 @@
-"""Table 1 as a command: every (preset, dim, seed) trained once, cached, and summarised as mean ± std."""
+"""Table 1 as a command: every (preset, dim, seed) trained once, cached, and summarised with mean ± std over
+seeds, a bootstrap interval over users and seeds, the new-item AUC and a paired test against TWIN."""
 from __future__ import annotations
 
 import hashlib
@@ -9,15 +10,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
+from darec.data.history_flags import target_in_history
 from darec.data.store import PreparedDataset
+from darec.errors import ConfigError, DataError
 from darec.io import write_json, write_text
 from darec.models.presets import PRESETS, TABLE1_PRESETS
-from darec.errors import ConfigError
 from darec.train.config import TrainConfig
-from darec.train.trainer import train
+from darec.train.metrics import auc
+from darec.train.significance import bootstrap_rows
+from darec.train.trainer import TEST_LOGITS, environment, resolve_device, train
 
-__all__ = ["run_table", "resolve_presets", "run_dir_for", "TableSpec", "PAPER_NAMES"]
+__all__ = ["run_table", "resolve_presets", "run_dir_for", "TableSpec", "PAPER_NAMES", "Evidence", "evidence_of",
+           "summarise", "markdown_table"]
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +34,7 @@ PAPER_NAMES = {
     "dare_no_tr": "DARE (w/o TR)", "sim_hard": "SIM (hard)", "sim_soft": "SIM (soft)",
 }
 METRICS = ("auc", "gauc", "logloss", "accuracy", "category_auc")
+BASELINE = "twin"  # the row every other is tested against (the paper's strongest prior method)
 
 
 @dataclass(frozen=True)
@@ -50,31 +57,36 @@ def resolve_presets(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     return tuple(out)
 
 
-def run_dir_for(out_dir: Path, config: TrainConfig, dataset_hash: str) -> Path:
-    """Runs are cached by the hash of their configuration and of the data they were trained on."""
-    key = hashlib.sha256(f"{config.key()}:{dataset_hash}".encode()).hexdigest()[:12]
+def run_dir_for(out_dir: Path, config: TrainConfig, dataset_hash: str, env: dict[str, Any]) -> Path:
+    """Runs are cached by the hash of their configuration, of the data and of the environment (threads,
+    torch, device): a seed reproduces a result bit for bit only in the same environment."""
+    blob = json.dumps({"config": config.key(), "data": dataset_hash, "env": env}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:12]
     return out_dir / "runs" / f"{config.preset}-d{config.model.get('dim', 16)}-s{config.seed}-{key}"
 
 
 def _load_finished(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "result.json"
-    if not path.exists():
+    if not path.exists() or not (run_dir / TEST_LOGITS).exists():
         return None
     result = json.loads(path.read_text())
     return result if result.get("finished") else None
 
 
 def run_table(*, data: str | Path, out_dir: str | Path, spec: TableSpec, base: TrainConfig,
-              progress: bool = True) -> list[dict[str, Any]]:
+              progress: bool = True, n_replicates: int = 1000) -> list[dict[str, Any]]:
     """Train (or reuse) every run of the grid, then write table.md, table.csv, runs.json and curves.png."""
     dataset = PreparedDataset.open(data)
     out_dir = Path(out_dir)
     dataset_hash = str(dataset.manifest.get("content_sha256", ""))
+    if base.threads is not None:
+        torch.set_num_threads(base.threads)
+    env = environment(base, resolve_device(base.device))
     runs: list[dict[str, Any]] = []
     grid = [(p, d, s) for p in spec.presets for d in spec.dims for s in spec.seeds]
     for i, (preset, dim, seed) in enumerate(grid, 1):
         config = base.replace(preset=preset, seed=seed, model={**base.model, "dim": dim})
-        run_dir = run_dir_for(out_dir, config, dataset_hash)
+        run_dir = run_dir_for(out_dir, config, dataset_hash, env)
         result = _load_finished(run_dir)
         if result is None:
             log.info("[%d/%d] training %s dim=%d seed=%d", i, len(grid), preset, dim, seed)
@@ -82,53 +94,112 @@ def run_table(*, data: str | Path, out_dir: str | Path, spec: TableSpec, base: T
         else:
             log.info("[%d/%d] cached %s dim=%d seed=%d", i, len(grid), preset, dim, seed)
         runs.append({"preset": preset, "dim": dim, "seed": seed, "run_dir": str(run_dir), **result})
-    rows = summarise(runs, spec)
-    write_json(out_dir / "runs.json", {"spec": spec.__dict__, "dataset": dataset.manifest, "runs": runs})
+    log.info("bootstrapping test AUC over users and seeds (%d replicates)", n_replicates)
+    evidence = evidence_of(dataset, max_len=base.max_len)
+    rows = summarise(runs, spec, evidence, n_replicates=n_replicates)
+    write_json(out_dir / "runs.json", {"spec": spec.__dict__, "dataset": dataset.manifest, "environment": env,
+                                       "runs": runs})
     write_text(out_dir / "table.csv", _csv(rows))
-    write_text(out_dir / "table.md", markdown_table(rows, spec, dataset.manifest))
+    write_text(out_dir / "table.md", markdown_table(rows, spec, dataset.manifest, evidence, env))
     from darec.train.plots import plot_curves
     plot_curves(runs, out_dir / "curves.png")
     return rows
 
 
-def summarise(runs: list[dict[str, Any]], spec: TableSpec) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Evidence:
+    """What every row is scored against: the test labels, users and the re-click flag."""
+
+    labels: np.ndarray
+    users: np.ndarray
+    in_history: np.ndarray      # the target item is in the visible history (only positives can be)
+    constant_logloss: float     # logloss of predicting the test positive rate for everyone
+    shortcut_auc: float         # AUC of the in-history flag alone
+
+    @property
+    def new_item_subset(self) -> np.ndarray:
+        """Positives whose item is not in the history, and every negative."""
+        return ~(self.in_history & (self.labels == 1))
+
+
+def evidence_of(dataset: PreparedDataset, *, max_len: int | None) -> Evidence:
+    test = dataset.split("test")
+    labels = np.asarray(test["label"]).astype(np.int64)
+    flags = target_in_history(dataset, test, max_len=max_len)
+    rate = labels.mean()
+    return Evidence(labels=labels, users=np.asarray(test["user"]), in_history=flags,
+                        constant_logloss=float(-(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))),
+                        shortcut_auc=auc(labels, flags.astype(np.float64)))
+
+
+def summarise(runs: list[dict[str, Any]], spec: TableSpec, evidence: Evidence, *,
+              n_replicates: int = 1000) -> list[dict[str, Any]]:
+    """One row per (preset, dim): seed mean/std of every metric, bootstrap intervals, paired p vs TWIN."""
     rows = []
-    for preset in spec.presets:
-        for dim in spec.dims:
+    for dim in spec.dims:
+        logits = {preset: [np.load(Path(r["run_dir"]) / TEST_LOGITS, allow_pickle=False) for r in runs
+                           if r["preset"] == preset and r["dim"] == dim] for preset in spec.presets}
+        for preset, arrays in logits.items():
+            if any(len(a) != len(evidence.labels) for a in arrays):
+                raise DataError(f"{preset} d={dim}: test logits do not match the test split; delete its run "
+                                "folders and run again", path=Path(runs[0]["run_dir"]).parent)
+        everything = bootstrap_rows(evidence.labels, evidence.users, logits, n_replicates=n_replicates)
+        new_items = bootstrap_rows(evidence.labels, evidence.users, logits, subset=evidence.new_item_subset,
+                                   n_replicates=n_replicates)
+        for preset in spec.presets:
             cell = [r for r in runs if r["preset"] == preset and r["dim"] == dim]
-            row: dict[str, Any] = {"preset": preset, "name": PAPER_NAMES.get(preset, preset), "dim": dim,
-                                   "seeds": len(cell)}
-            for metric in METRICS:
+            row: dict[str, Any] = {"preset": preset, "dim": dim, "seeds": len(cell)}
+            values = np.array([r["test"]["auc"] for r in cell], dtype=np.float64)
+            row.update(auc_mean=float(values.mean()), auc_std=_std(values),
+                       auc_ci_low=everything[preset].ci_low, auc_ci_high=everything[preset].ci_high,
+                       auc_new_mean=new_items[preset].mean, auc_new_ci_low=new_items[preset].ci_low,
+                       auc_new_ci_high=new_items[preset].ci_high)
+            for metric in METRICS[1:]:
                 values = np.array([r["test"][metric] for r in cell], dtype=np.float64)
-                row[f"{metric}_mean"] = float(values.mean())
-                row[f"{metric}_std"] = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                row[f"{metric}_mean"], row[f"{metric}_std"] = float(values.mean()), _std(values)
+            row["p_vs_twin"] = (everything[preset].p_value_against(everything[BASELINE])
+                                if BASELINE in everything and preset != BASELINE else None)
+            row["name"] = PAPER_NAMES.get(preset, preset)
             rows.append(row)
     return rows
 
 
+def _std(values: np.ndarray) -> float:
+    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
 def _csv(rows: list[dict[str, Any]]) -> str:
     keys = list(rows[0])
-    return "\n".join([",".join(keys)] + [",".join(str(r[k]) for k in keys) for r in rows]) + "\n"
+    cell = lambda v: "" if v is None else str(v)  # noqa: E731
+    return "\n".join([",".join(keys)] + [",".join(cell(r[k]) for k in keys) for r in rows]) + "\n"
 
 
-def markdown_table(rows: list[dict[str, Any]], spec: TableSpec, manifest: dict[str, Any]) -> str:
-    """Test AUC mean (std over seeds) per preset and embedding dim; the best mean per column in bold."""
-    lines = [f"# Test AUC, mean (std) over seeds {list(spec.seeds)}", "",
-             f"Dataset: `{manifest.get('source', '?')}`, {manifest.get('n_users', '?')} users, "
-             f"content hash `{str(manifest.get('content_sha256', ''))[:12]}`.", ""]
-    header = "| Setup | " + " | ".join(f"dim = {d}" for d in spec.dims) + " |"
-    lines += [header, "|---|" + "---|" * len(spec.dims)]
-    best = {d: max(r["auc_mean"] for r in rows if r["dim"] == d) for d in spec.dims}
-    for preset in spec.presets:
-        cells = []
-        for d in spec.dims:
-            r = next(x for x in rows if x["preset"] == preset and x["dim"] == d)
-            text = f"{r['auc_mean']:.5f} ({r['auc_std']:.5f})"
-            cells.append(f"**{text}**" if r["auc_mean"] == best[d] else text)
-        lines.append(f"| {PAPER_NAMES.get(preset, preset)} | " + " | ".join(cells) + " |")
-    lines += ["", "Other test metrics (mean over seeds): GAUC by user, logloss of the main head, accuracy.", "",
-              "| Setup | dim | GAUC | logloss | accuracy |", "|---|---|---|---|---|"]
+def markdown_table(rows: list[dict[str, Any]], spec: TableSpec, manifest: dict[str, Any],
+                   evidence: Evidence, env: dict[str, Any]) -> str:
+    """One line per (preset, dim); bold where the paired test puts the row above TWIN at 5%."""
+    protocol = manifest.get("protocol", {})
+    lines = [f"# Test AUC over seeds {list(spec.seeds)}", "",
+             f"Dataset `{manifest.get('source', '?')}` ({protocol.get('targets', 'paper')} targets), "
+             f"{manifest.get('n_users', '?')} users, {len(evidence.labels):,} test samples, content hash "
+             f"`{str(manifest.get('content_sha256', ''))[:12]}`. Environment: {env['threads']} threads, "
+             f"torch {env['torch']}, {env['device']}.", "",
+             "AUC: mean (std over seeds) and 95% interval from a bootstrap over users and seeds. "
+             "New-item AUC: positives whose item is not in the visible history, against all negatives "
+             f"(the re-click flag alone scores AUC {evidence.shortcut_auc:.3f}; "
+             f"{evidence.in_history[evidence.labels == 1].mean():.1%} of test positives have it). "
+             f"p: paired bootstrap against TWIN; **bold**: above TWIN at p < 0.05. Logloss of a constant "
+             f"predictor: {evidence.constant_logloss:.4f}.", "",
+             "| Setup | dim | AUC | 95% CI | new-item AUC | GAUC | logloss | p vs TWIN |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['name']} | {r['dim']} | {r['gauc_mean']:.5f} | {r['logloss_mean']:.5f} | "
-                     f"{r['accuracy_mean']:.5f} |")
+        auc_text = f"{r['auc_mean']:.4f} ({r['auc_std']:.4f})"
+        better = r["p_vs_twin"] is not None and r["p_vs_twin"] < 0.05 and r["auc_mean"] > _twin(rows, r)
+        p_text = "–" if r["p_vs_twin"] is None else f"{r['p_vs_twin']:.3f}"
+        lines.append(f"| {r['name']} | {r['dim']} | {f'**{auc_text}**' if better else auc_text} | "
+                     f"[{r['auc_ci_low']:.4f}, {r['auc_ci_high']:.4f}] | {r['auc_new_mean']:.4f} | "
+                     f"{r['gauc_mean']:.4f} | {r['logloss_mean']:.4f} | {p_text} |")
     return "\n".join(lines) + "\n"
+
+
+def _twin(rows: list[dict[str, Any]], row: dict[str, Any]) -> float:
+    return next(r["auc_mean"] for r in rows if r["preset"] == BASELINE and r["dim"] == row["dim"])

@@ -1,8 +1,9 @@
-"""One explicit training loop: forward -> loss -> backward -> step -> validate -> checkpoint.
+"""One explicit training loop: forward -> loss -> backward -> step -> validate -> checkpoint -> stop early.
 
-The run directory holds `checkpoint.pt` (everything needed to resume exactly: model, optimizer,
-step, position in the epoch, best-so-far, curve, RNG state), `best.pt` (best validation weights),
-`curve.csv` and `result.json`. All are written atomically.
+The run directory holds `run.json` (configuration and environment: what marks it as darec's),
+`checkpoint.pt` (everything needed to resume exactly: model, optimizer, step, position in the epoch,
+best-so-far, curve, RNG state), `best.pt` (the weights of the best validation metric), `curve.csv`,
+`test_logits.npy` and `result.json`. All are written atomically; checkpoints load without pickle code.
 """
 from __future__ import annotations
 
@@ -17,19 +18,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize_scalar
 from tqdm.auto import tqdm
 
+from darec.checkpoint import load_checkpoint, save_checkpoint
 from darec.data.loader import BatchLoader
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError
-from darec.io import atomic_file, write_json, write_text
+from darec.io import write_json, write_text
 from darec.models import TwoStageModel, build_model, preset_config
 from darec.models.config import ModelConfig
 from darec.train.config import TrainConfig
 from darec.train.metrics import evaluate_predictions
 
 __all__ = ["train", "train_step", "evaluate", "predict", "model_config_for", "resolve_device", "Optimizers",
-           "RowSparseAdam", "regularised_weights"]
+           "RowSparseAdam", "regularised_weights", "learning_rate", "fit_temperature", "environment",
+           "claim_run_dir", "RUN_MARKER", "TEST_LOGITS"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +109,27 @@ class Optimizers:
         for opt in self.all:
             opt.zero_grad(set_to_none=True)
 
+    def set_lr(self, lr: float) -> None:
+        for opt in self.all:
+            for group in opt.param_groups:
+                group["lr"] = lr
+
+    @torch.no_grad()
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Scale every gradient (dense, and the row-sparse ones of embeddings) so their global norm is at
+        most `max_norm`; returns the norm before clipping."""
+        grads = [p.grad for opt in self.all for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        grads = [g.coalesce() if g.is_sparse else g for g in grads]  # duplicate rows summed before the norm
+        norm = torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]))
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        for opt in self.all:
+            for group in opt.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad = (p.grad.coalesce() * scale) if p.grad.is_sparse else p.grad.mul_(scale)
+        return float(norm)
+
     def step(self) -> None:
         for opt in self.all:
             opt.step()
@@ -158,7 +183,7 @@ def evaluate(model: TwoStageModel, loader: BatchLoader, *, device: torch.device,
 
 def train_step(forward: torch.nn.Module, batch: Any, *, optimizers: Optimizers, config: TrainConfig,
                l2_weights: list[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
-    """One optimisation step (forward, main + aux + L2 loss, backward, update); returns the detached loss.
+    """One optimisation step (forward, main + aux + L2 loss, backward, clip, update); returns the detached loss.
 
     Shared by `train` and benchmarks/train_throughput.py, so the benchmark measures this exact path."""
     with _autocast(device, config.precision):
@@ -171,8 +196,34 @@ def train_step(forward: torch.nn.Module, batch: Any, *, optimizers: Optimizers, 
             loss = loss + config.l2 * torch.stack([w.pow(2).sum() for w in l2_weights]).sum()
     optimizers.zero_grad()
     loss.backward()
+    if config.grad_clip is not None:
+        optimizers.clip_grad_norm(config.grad_clip)
     optimizers.step()
     return loss.detach()
+
+
+def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
+    """Linear warm-up over `warmup_steps`, then constant or cosine decay to zero at `total_steps`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    if config.lr_schedule == "cosine":
+        progress = (step - config.warmup_steps) / max(total_steps - config.warmup_steps, 1)
+        return config.lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return config.lr
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T > 0 minimising the logloss of logits / T (Guo et al., 2017); AUC is unchanged by it."""
+    z, y = np.asarray(logits, dtype=np.float64), np.asarray(labels, dtype=np.float64)
+    nll = lambda log_t: float(np.mean(np.logaddexp(0.0, z / np.exp(log_t)) - y * z / np.exp(log_t)))  # noqa: E731
+    return float(np.exp(minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded").x))
+
+
+def environment(config: TrainConfig, device: torch.device) -> dict[str, Any]:
+    """What besides the configuration decides a run's numbers: CPU kernels reduce in a thread-dependent
+    order, so the same seed gives bit-identical results only for the same threads, torch and device."""
+    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+            "deterministic": config.deterministic}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -188,28 +239,61 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save(path: Path, obj: Any) -> None:
-    with atomic_file(path, "wb") as handle:
-        torch.save(obj, handle)
-
-
 def _steps(loader: BatchLoader, epochs: int, start_epoch: int, start_batch: int) -> Iterator[tuple[int, int, Any]]:
     for epoch in range(start_epoch, epochs):
         for i, batch in enumerate(loader.batches(epoch, start=start_batch if epoch == start_epoch else 0)):
             yield epoch, (start_batch if epoch == start_epoch else 0) + i, batch
 
 
+RUN_MARKER = "run.json"        # what makes a folder a darec run folder (config and environment)
+TEST_LOGITS = "test_logits.npy"  # float32 main-head logits of the test split, in split order (for tables)
+
+
+def claim_run_dir(out_dir: Path, identity: dict[str, Any]) -> None:
+    """Create `out_dir` or reuse it only if darec wrote it: a folder holding anything else is refused,
+    so a run never overwrites a user's file that happens to be called result.json."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"run folder {out_dir} is a file; choose another --out")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / RUN_MARKER).is_file():
+        names = sorted(p.name for p in out_dir.iterdir())[:3]
+        raise ConfigError(f"run folder {out_dir} holds files darec did not write ({', '.join(names)}); "
+                          "choose a new or empty --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / RUN_MARKER, identity)
+
+
+class _Selection:
+    """Best-so-far bookkeeping on the validation metric that picks the tested checkpoint."""
+
+    def __init__(self, metric: str, state: dict[str, Any]) -> None:
+        self.metric, self.state = metric, state
+        self.sign = 1.0 if metric == "auc" else -1.0  # larger is better after the sign
+
+    def update(self, metrics: dict[str, float], step: int) -> bool:
+        """Record a validation; True when it is the new best."""
+        value = self.sign * metrics[self.metric]
+        if self.state["best_value"] is None or value > self.state["best_value"]:
+            self.state.update(best_value=value, best_step=step, evals_since_best=0)
+            return True
+        self.state["evals_since_best"] += 1
+        return False
+
+
 def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: str | Path,
           resume: bool = True, max_steps: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train one configuration, validate every `eval_every` steps, test the best checkpoint.
+    """Train one configuration, validate every `eval_every` steps, stop when the validation metric has not
+    improved for `patience` validations, test the best checkpoint (temperature-scaled if asked).
 
-    `max_steps` stops early after saving a checkpoint (an interruption that `resume` picks up).
+    `max_steps` stops after saving a checkpoint (an interruption that `resume` picks up).
     Returns the result dict also written to `out_dir/result.json` (None-free only when finished).
     """
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.open(data)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(config.device)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    env = environment(config, device)
+    claim_run_dir(out_dir, {"darec_run": 1, "config": config.to_dict(), "environment": env})
     model_config = model_config_for(dataset, config)
     max_len = model_config.max_len
 
@@ -229,32 +313,35 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     eval_every = config.eval_every or max(1, steps_per_epoch // 4)
     total_steps = steps_per_epoch * config.epochs
 
-    state = {"step": 0, "epoch": 0, "batch": 0, "best_auc": -1.0, "best_step": 0, "curve": [],
-             "train_time": 0.0, "samples": 0}
+    state = {"step": 0, "epoch": 0, "batch": 0, "best_value": None, "best_step": 0, "evals_since_best": 0,
+             "early_stopped": False, "curve": [], "train_time": 0.0, "samples": 0}
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=False)
-        if ckpt["config"] != config.to_dict():
-            raise ConfigError(f"{ckpt_path} was written by another configuration; use a new --out "
-                              "or --no-resume")
+        ckpt = load_checkpoint(ckpt_path, map_location=device)
+        if ckpt.get("config") != config.to_dict() or ckpt.get("environment") != env:
+            raise ConfigError(f"{ckpt_path} was written by another configuration or environment (threads, torch, "
+                              "device); use a new --out or --no-resume")
         model.load_state_dict(ckpt["model"])
         optimizers.load_state_dict(ckpt["optimizer"])
         state = ckpt["state"]
         _set_rng_state(ckpt["rng"])
         log.info("resumed %s at step %d", out_dir, state["step"])
+    selection = _Selection(config.select_metric, state)
 
     def checkpoint() -> None:
-        _save(ckpt_path, {"config": config.to_dict(), "model_config": model_config.to_dict(),
-                          "model": model.state_dict(), "optimizer": optimizers.state_dict(),
-                          "state": state, "rng": _rng_state()})
+        save_checkpoint(ckpt_path, {"config": config.to_dict(), "environment": env,
+                                    "model_config": model_config.to_dict(), "model": model.state_dict(),
+                                    "optimizer": optimizers.state_dict(), "state": state, "rng": _rng_state()})
 
     model.train()
     bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, leave=False,
                desc=f"{config.preset} d={model_config.dim} seed={config.seed}", unit="step")
-    stopped_early = False
+    interrupted = False
     try:
         window_loss, window_n, tick = 0.0, 0, time.perf_counter()
-        for epoch, index, batch in _steps(train_loader, config.epochs, state["epoch"], state["batch"]):
+        steps = () if state["early_stopped"] else _steps(train_loader, config.epochs, state["epoch"], state["batch"])
+        for epoch, index, batch in steps:
+            optimizers.set_lr(learning_rate(config, state["step"], total_steps))
             loss = train_step(forward, batch, optimizers=optimizers, config=config, l2_weights=l2_weights,
                               device=device)
             window_loss = window_loss + loss  # stays on the device: no sync per step
@@ -265,22 +352,26 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
             if state["step"] % eval_every == 0 or state["step"] == total_steps:
                 state["train_time"] += time.perf_counter() - tick
                 metrics = evaluate(model, val_loader, device=device, precision=config.precision)
-                point = {"step": state["step"], "epoch": epoch,
-                         "train_loss": float(window_loss) / max(window_n, 1),
-                         **{f"val_{k}": v for k, v in metrics.items() if k != "n"}}
-                state["curve"].append(point)
+                state["curve"].append({"step": state["step"], "epoch": epoch,
+                                       "train_loss": float(window_loss) / max(window_n, 1),
+                                       **{f"val_{k}": v for k, v in metrics.items() if k != "n"}})
                 window_loss, window_n = 0.0, 0
-                if metrics["auc"] > state["best_auc"]:
-                    state["best_auc"], state["best_step"] = metrics["auc"], state["step"]
-                    _save(out_dir / "best.pt", {"model_config": model_config.to_dict(),
-                                                "model": model.state_dict(), "step": state["step"]})
-                bar.set_postfix(val_auc=f"{metrics['auc']:.4f}")
+                if selection.update(metrics, state["step"]):
+                    save_checkpoint(out_dir / "best.pt", {"model_config": model_config.to_dict(),
+                                                          "model": model.state_dict(), "step": state["step"]})
+                bar.set_postfix(val_auc=f"{metrics['auc']:.4f}", val_logloss=f"{metrics['logloss']:.4f}")
+                state["early_stopped"] = (config.patience is not None
+                                          and state["evals_since_best"] >= config.patience)
                 checkpoint()
                 tick = time.perf_counter()
+                if state["early_stopped"]:
+                    log.info("early stop at step %d: validation %s has not improved for %d validations",
+                             state["step"], config.select_metric, config.patience)
+                    break
             if max_steps is not None and state["step"] >= max_steps and state["step"] < total_steps:
                 state["train_time"] += time.perf_counter() - tick
                 checkpoint()
-                stopped_early = True
+                interrupted = True
                 break
     except KeyboardInterrupt:
         checkpoint()
@@ -288,27 +379,40 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     finally:
         bar.close()
     _write_curve(out_dir / "curve.csv", state["curve"])
-    if stopped_early:
+    if interrupted:
         return {"finished": False, "step": state["step"]}
+    return _finish(model, dataset, config, model_config, state, env, out_dir, device)
 
-    best = torch.load(out_dir / "best.pt", map_location=device, weights_only=False)
+
+def _finish(model: TwoStageModel, dataset: PreparedDataset, config: TrainConfig, model_config: ModelConfig,
+            state: dict[str, Any], env: dict[str, Any], out_dir: Path, device: torch.device) -> dict[str, Any]:
+    """Reload the best checkpoint, fit the temperature on validation if asked, test, write result.json."""
+    best = load_checkpoint(out_dir / "best.pt", map_location=device)
     model.load_state_dict(best["model"])
-    test_loader = BatchLoader(dataset, "test", batch_size=config.eval_batch_size, shuffle=False,
-                              seed=0, max_len=max_len, device=device)
-    test = evaluate(model, test_loader, device=device, precision=config.precision)
-    val_best = next(p for p in state["curve"] if p["step"] == state["best_step"])
+    loaders = {split: BatchLoader(dataset, split, batch_size=config.eval_batch_size, shuffle=False, seed=0,
+                                  max_len=model_config.max_len, device=device) for split in ("val", "test")}
+    preds = {split: predict(model, loader, device=device, precision=config.precision)
+             for split, loader in loaders.items()}
+    temperature = fit_temperature(preds["val"]["logits"], preds["val"]["labels"]) if config.temperature_scaling else 1.0
+    scores = {}
+    for split, p in preds.items():
+        p["logits"] = (p["logits"] / temperature).astype(np.float32)
+        scores[split] = evaluate_predictions(labels=p["labels"], logits=p["logits"], users=p["users"],
+                                             categories=p["categories"])
+    np.save(out_dir / TEST_LOGITS, preds["test"]["logits"], allow_pickle=False)
     result = {
         "finished": True, "config": config.to_dict(), "model_config": model_config.to_dict(),
-        "dataset": dataset.manifest.get("content_sha256"), "device": str(device),
-        "best_step": state["best_step"], "steps": state["step"],
-        "val": {k[4:]: v for k, v in val_best.items() if k.startswith("val_")},
-        "test": test, "curve": state["curve"],
+        "dataset": dataset.manifest.get("content_sha256"), "environment": env, "device": env["device"],
+        "best_step": state["best_step"], "steps": state["step"], "early_stopped": state["early_stopped"],
+        "select_metric": config.select_metric, "temperature": temperature,
+        "val": scores["val"], "test": scores["test"], "curve": state["curve"],
         "train_seconds": state["train_time"],
         "train_samples_per_s": state["samples"] / max(state["train_time"], 1e-9),
     }
     write_json(out_dir / "result.json", result)
-    log.info("%s dim=%d seed=%d: val AUC %.4f (step %d), test AUC %.4f", config.preset, model_config.dim,
-             config.seed, state["best_auc"], state["best_step"], test["auc"])
+    log.info("%s dim=%d seed=%d: best validation %s at step %d; test AUC %.4f, logloss %.4f", config.preset,
+             model_config.dim, config.seed, config.select_metric, state["best_step"], scores["test"]["auc"],
+             scores["test"]["logloss"])
     return result
 
 

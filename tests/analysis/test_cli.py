@@ -6,9 +6,11 @@ import json
 import pytest
 import torch
 
+from darec.analysis import analyze
 from darec.cli import main
 from darec.data.protocol import ProtocolConfig
 from darec.data.synthetic import SyntheticConfig, prepare_synthetic
+from darec.errors import ConfigError
 
 KINDS = ("gradients", "attention", "retrieval", "discriminability", "convergence", "attention-size")
 
@@ -43,9 +45,13 @@ def test_analyze_all_then_report(tiny, tmp_path):
     assert grads["dare"]["rows_touched_by_both_paths"] == 0 and not grads["dare"]["tables"]
     assert grads["twin"]["tables"]["shared.category"]["steps_with_cosine"] == 5
     sizes = json.loads((out / "attention-size" / "attention-size.json").read_text())["models"]
-    assert [r["attention_dim"] for r in sizes["dare"]] == [8, 4] and {r["dim"] for r in sizes["dare"]} == {4}
+    # K_R fixed at the largest size, K_A shrinks below it (the paper's Fig. 11c-d)
+    assert [r["attention_dim"] for r in sizes["dare"]] == [8, 4] and {r["dim"] for r in sizes["dare"]} == {8}
     assert all(r["search_seconds"] > 0 for rows in sizes.values() for r in rows)
-    assert (out / "runs" / "dare-d4-a8-s1" / "result.json").is_file()
+    assert (out / "runs" / "dare-d8-a4-s1" / "result.json").is_file()
+    disc = json.loads((out / "discriminability" / "discriminability.json").read_text())
+    assert disc["features"] == "h" and disc["models"]["dare"]["features"] == "h = v_t*r"
+    assert {m["feature_dim"] for m in disc["models"].values()} == {12}           # h is one token wide (3 x 4)
     # A second call reuses the finished runs instead of training again.
     stamp = (out / "runs" / "dare-d4-s1" / "result.json").stat().st_mtime_ns
     assert main(["analyze", "convergence", "--data", str(tiny), "--out", str(out), "--presets", "dare", "twin",
@@ -69,6 +75,10 @@ def test_analyze_all_then_report(tiny, tmp_path):
 def test_report_and_analyze_errors_are_one_line(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "nothing to report" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="representation-dim"):
+        analyze("attention-size", data=tmp_path, out=tmp_path / "o", representation_dim=0)
+    with pytest.raises(ConfigError, match="cluster-features"):
+        analyze("discriminability", data=tmp_path, out=tmp_path / "o", cluster_features="r")
     assert main(["analyze", "gradients", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "not a prepared dataset" in capsys.readouterr().err
 

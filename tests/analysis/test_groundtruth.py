@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from sklearn.metrics import mutual_info_score
 
-from darec.analysis.groundtruth import binary_mutual_information, count_cooccurrence, most_common_targets
+from darec.analysis.groundtruth import binary_mutual_information, cell_keys, count_cooccurrence, most_common_targets
+from darec.analysis.retrieval import position_relevance
 from darec.data.loader import gather_histories
 from darec.data.protocol import ProtocolConfig
 from darec.data.store import PreparedDataset
@@ -39,30 +40,72 @@ def test_mi_of_known_joint_distribution():
     assert binary_mutual_information(30, 60, t_pos=30, t_neg=60) == pytest.approx(0.0, abs=1e-12)
 
 
-def test_counts_match_brute_force(tiny):
-    counts = count_cooccurrence(tiny, chunk=97)                                # chunking must not matter
-    samples = tiny.split("train")
-    length = tiny.max_len
-    pos = np.zeros_like(counts.positive)
-    neg = np.zeros_like(counts.negative)
-    _, cats, mask = gather_histories(np.asarray(tiny.offsets), np.asarray(tiny.items),
-                                     np.asarray(tiny.categories), samples["user"], samples["cut"], length)
+def _brute_force_counts(dataset: PreparedDataset, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense (C, C, L+1) positive and negative counts by a per-sample loop (the old dense layout)."""
+    samples = dataset.split("train")
+    n = dataset.n_categories
+    pos, neg = np.zeros((n, n, length + 1)), np.zeros((n, n, length + 1))
+    _, cats, mask = gather_histories(np.asarray(dataset.offsets), np.asarray(dataset.items),
+                                     np.asarray(dataset.categories), samples["user"], samples["cut"], length)
     for i, sample in enumerate(samples):
         for j in range(length):
             if mask[i, j]:
                 target = pos if sample["label"] == 1 else neg
                 target[sample["category"], cats[i, j], length - j] += 1
-    np.testing.assert_array_equal(counts.positive, pos)
-    np.testing.assert_array_equal(counts.negative, neg)
+    return pos, neg
+
+
+def _full_grid(n: int, length: int) -> tuple[np.ndarray, ...]:
+    return np.arange(n)[:, None, None], np.arange(n)[None, :, None], np.arange(length + 1)[None, None, :]
+
+
+def test_counts_match_brute_force(tiny):
+    length = tiny.max_len
+    grid = _full_grid(tiny.n_categories, length)
+    cells = cell_keys(*grid, n_categories=tiny.n_categories, max_position=length).ravel()
+    counts = count_cooccurrence(tiny, cells=cells, max_position=length, chunk=97)    # chunking must not matter
+    pos, neg = _brute_force_counts(tiny, length)
+    got_pos, got_neg = counts.counts_at(*grid)
+    np.testing.assert_array_equal(got_pos, pos)
+    np.testing.assert_array_equal(got_neg, neg)
+    samples = tiny.split("train")
     assert counts.support().sum() == len(samples)
     assert counts.target_positive.sum() == samples["label"].sum()
 
 
-def test_restricted_targets_are_a_slice_of_all(tiny):
-    full = count_cooccurrence(tiny)
+def test_requested_cells_are_a_slice_of_all(tiny):
+    length = tiny.max_len
+    grid = _full_grid(tiny.n_categories, length)
+    full = count_cooccurrence(tiny, cells=cell_keys(*grid, n_categories=tiny.n_categories,
+                                                    max_position=length).ravel(), max_position=length)
     top = most_common_targets(tiny, 3)
-    part = count_cooccurrence(tiny, targets=top, max_position=5)
-    np.testing.assert_array_equal(part.positive, full.positive[top][:, :, :6])
-    np.testing.assert_array_equal(part.row_of(top), np.arange(3))
+    part_grid = (top[:, None, None], np.arange(tiny.n_categories)[None, :, None], np.arange(1, 6)[None, None, :])
+    cells = cell_keys(*part_grid, n_categories=tiny.n_categories, max_position=5)
+    part = count_cooccurrence(tiny, cells=cells[:, :, ::2].ravel(), max_position=5)   # a sparse subset
+    np.testing.assert_array_equal(part.counts_at(*part_grid[:2], part_grid[2][..., ::2])[0],
+                                  full.counts_at(*part_grid[:2], part_grid[2][..., ::2])[0])
+    with pytest.raises(ValueError, match="not counted"):
+        part.counts_at(top[0], 1, 2)                       # position 2 was not requested
     freq = np.bincount(tiny.split("train")["category"], minlength=tiny.n_categories)
     assert freq[top[0]] == freq[1:].max()
+
+
+def test_sparse_relevance_equals_the_dense_table(tiny):
+    """The retrieval ground truth from sparse counts equals a lookup in the dense MI table built by brute force."""
+    length = tiny.max_len
+    pos, neg = _brute_force_counts(tiny, length)
+    t_pos = np.bincount(tiny.split("train")["category"], weights=tiny.split("train")["label"],
+                        minlength=tiny.n_categories)
+    t_neg = np.bincount(tiny.split("train")["category"], minlength=tiny.n_categories) - t_pos
+    dense_mi = binary_mutual_information(pos, neg, t_pos=t_pos[:, None, None], t_neg=t_neg[:, None, None])
+    test = tiny.split("test")
+    _, cats, mask = gather_histories(np.asarray(tiny.offsets), np.asarray(tiny.items), np.asarray(tiny.categories),
+                                     test["user"], test["cut"], length)
+    positions = np.broadcast_to(np.arange(length, 0, -1), cats.shape)
+    min_support = int(np.median((t_pos + t_neg)[1:]))       # some targets supported, some not
+    got = position_relevance(tiny, target_categories=test["category"], hist_categories=cats,
+                             hist_positions=positions, mask=mask, min_support=min_support)
+    supported = (t_pos + t_neg)[test["category"]] >= min_support
+    expected = np.where(mask & supported[:, None], dense_mi[test["category"][:, None], cats, positions], 0.0)
+    assert 0 < supported.sum() < len(test) and (expected > 0).any()
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=0)

@@ -9,10 +9,11 @@ import torch
 
 from darec.analysis.attention import grid_agreement, grid_scores, minmax, planted_grid
 from darec.analysis.convergence import auc_threshold, steps_to_reach
-from darec.analysis.discriminability import cluster_information
-from darec.analysis.retrieval import dcg_curve, ndcg_curve, position_relevance
+from darec.analysis.discriminability import cluster_information, representations
+from darec.analysis.retrieval import dcg_curve, ndcg_curve
 from darec.data.synthetic import PlantedTruth
 from darec.models import build_model, preset_config
+from tests.helpers import random_batch
 
 
 def test_ndcg_of_a_toy_ranking_by_hand():
@@ -36,16 +37,6 @@ def test_ndcg_perfect_ranking_is_one_and_padding_ranks_last():
     assert dcg_curve(scores, relevance, 6).shape == (1, 6)
     none, _ = ndcg_curve(scores, np.zeros_like(relevance), 3)
     assert np.isnan(none).all()
-
-
-def test_position_relevance_looks_up_target_row_category_and_position():
-    mi = np.arange(2 * 3 * 4, dtype=float).reshape(2, 3, 4)     # (T, C, P+1)
-    rows = np.array([1, -1])
-    cats = np.array([[2, 1], [1, 1]])
-    pos = np.array([[2, 1], [2, 1]])
-    mask = np.array([[True, False], [True, True]])
-    rel = position_relevance(mi, rows, hist_categories=cats, hist_positions=pos, mask=mask)
-    np.testing.assert_array_equal(rel, [[mi[1, 2, 2], 0.0], [0.0, 0.0]])
 
 
 def test_agreement_of_the_truth_with_itself_is_one():
@@ -96,3 +87,25 @@ def test_cluster_information_of_pure_clusters_is_label_entropy():
     np.testing.assert_allclose(info["nmi"], 1.0, rtol=1e-9)
     noise = cluster_information(rng.normal(size=(100, 3)), rng.integers(0, 2, 100), counts=(2,))
     assert noise["nmi"][0, 0] < 0.2
+
+
+@pytest.mark.parametrize("preset", ["dare", "dare_no_tr"])
+def test_discriminability_clusters_the_papers_h_by_default(preset):
+    """h = sum_i w_i (e_i * v_t) over the kept behaviours (the paper's definition), r without TR;
+    `head-input` is the whole head input."""
+    torch.manual_seed(0)
+    model = build_model(preset_config(preset, n_items=50, n_categories=6, max_len=30, dim=4, init_std=0.5)).eval()
+    batch = random_batch(batch_size=8, length=30, min_real=5, seed=1)
+    h, labels = representations(model, [batch])
+    with torch.no_grad():
+        out = model(batch)
+        kept = batch.take_history(out.interest.index)
+        e = model.embeddings.values(kept.hist_items, kept.hist_categories, kept.hist_positions)  # (B, K, E)
+        v_t = model.embeddings.target(batch.target_item, batch.target_category)                # (B, E)
+        tokens = e * v_t[:, None, :] if model.config.target_aware else e
+        expected = (out.interest.weights[:, :, None] * tokens).sum(1)
+    np.testing.assert_allclose(h, expected.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(labels, batch.label.numpy())
+    head, _ = representations(model, [batch], features="head-input")
+    np.testing.assert_array_equal(head, out.features.numpy())
+    assert head.shape[1] == (3 if model.config.target_aware else 2) * h.shape[1]

@@ -110,3 +110,24 @@ def test_seed_changes_negatives_only():
     for name in a.splits:
         pos = a.splits[name]["label"] == 1
         assert (a.splits[name][pos] == b.splits[name][pos]).all()
+
+
+def test_dense_targets_split_each_users_clicks_by_time():
+    """User 7 has 13 kept clicks; min_history 2 leaves 11 targets (cuts 2..12): the latest ceil(1.1) = 2
+    are test, the 2 before them validation, the rest training; stride 3 keeps every third training
+    target counted back from the latest."""
+    dense = ProtocolConfig(targets="dense", min_clicks=10, min_history=2, max_len=4, n_negatives=1)
+    out = build_splits(_events(_log()), dense)
+    positive = {name: split[split["label"] == 1]["cut"].tolist() for name, split in out.splits.items()}
+    assert positive == {"train": [2, 3, 4, 5, 6, 7, 8], "val": [9, 10], "test": [11, 12]}
+    strided = build_splits(_events(_log()), ProtocolConfig(**{**dense.__dict__, "train_stride": 3}))
+    assert strided.splits["train"][strided.splits["train"]["label"] == 1]["cut"].tolist() == [2, 5, 8]
+
+
+def test_protocol_defaults_follow_the_target_scheme():
+    assert (ProtocolConfig().min_clicks, ProtocolConfig().train_stride) == (210, 5)
+    assert (ProtocolConfig(targets="dense").min_clicks, ProtocolConfig(targets="dense").train_stride) == (20, 1)
+    with pytest.raises(ConfigError, match="min_history"):
+        ProtocolConfig(targets="dense", min_clicks=5, min_history=5)
+    with pytest.raises(ConfigError, match="test_fraction"):
+        ProtocolConfig(targets="dense", test_fraction=0.7)

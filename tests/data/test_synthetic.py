@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from darec.data.history_flags import shortcut_auc
 from darec.data.loader import gather_histories
 from darec.data.synthetic import PlantedTruth, SyntheticConfig, generate, prepare_synthetic
 from darec.errors import ConfigError
@@ -47,7 +48,23 @@ def test_prepared_truth_is_in_prepared_ids_and_predictive(tmp_path):
     hist_items, hist_cats, mask = gather_histories(ds.offsets, ds.items, ds.categories, test["user"], test["cut"], 200)
     positions = np.arange(200, 0, -1)[None, :]
     oracle = (truth.relevance(test["category"][:, None], hist_cats, positions) * mask).sum(1)
-    assert roc_auc_score(test["label"], oracle) >= 0.7  # the planted signal alone separates clicks
+    assert roc_auc_score(test["label"], oracle) >= 0.8  # the planted signal alone separates clicks
+    assert shortcut_auc(ds) <= 0.60  # while "item already clicked" alone barely does
+
+
+def test_reclick_knob_controls_repeats_only():
+    def repeats(frame: pl.DataFrame) -> float:  # share of clicks whose (user, item) was clicked before
+        return 1 - frame.select(pl.struct("user", "item").n_unique()).item() / len(frame)
+
+    base = dict(n_users=40, n_items=3000, n_categories=10)
+    low, _ = generate(SyntheticConfig(**base, reclick=0.0))
+    high, _ = generate(SyntheticConfig(**base, reclick=0.8))
+    assert repeats(low) < 0.2 < 0.6 < repeats(high)
+    assert low["category"].equals(high["category"])  # the planted category process is untouched
+    # reclick 1 with one favourite: each user clicks exactly one item per category
+    only, _ = generate(SyntheticConfig(**base, reclick=1.0, n_favourites=1))
+    per_pair = only.group_by("user", "category").agg(pl.col("item").n_unique())["item"]
+    assert per_pair.max() == 1
 
 
 def test_config_checks():
@@ -55,3 +72,7 @@ def test_config_checks():
         SyntheticConfig(mean_length=100)
     with pytest.raises(ConfigError):
         SyntheticConfig(n_items=5, n_categories=10)
+    with pytest.raises(ConfigError, match="reclick"):
+        SyntheticConfig(reclick=1.5)
+    with pytest.raises(ConfigError, match="n_favourites"):
+        SyntheticConfig(n_favourites=0)

@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 
+from darec.checkpoint import load_checkpoint
 from darec.data.loader import BatchLoader
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError
@@ -250,7 +251,7 @@ def test_new_presets_learn_the_planted_signal_and_reload_identically(planted_dir
     result = train(data=planted_dir, config=config, out_dir=tmp_path, progress=False)
     assert result["test"]["auc"] >= 0.7, result["test"]
     # a fresh model (hash planes drawn with another seed) loaded from best.pt reproduces the test AUC
-    best = torch.load(tmp_path / "best.pt", weights_only=False)
+    best = load_checkpoint(tmp_path / "best.pt")
     model_config = ModelConfig.from_dict(best["model_config"])
     reloaded = build_model(model_config.replace(search_options={**model_config.search_options,
                                                                 **_other_seed(preset)}))

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import torch
 
+from darec.checkpoint import load_checkpoint
 from darec.data.loader import BatchLoader
 from darec.data.store import PreparedDataset
 from darec.models import build_model, preset_config
@@ -57,7 +58,7 @@ def test_trainer_runs_with_long_max_len(planted_dir, tmp_path):
                          device="cpu", eval_every=1000)
     result = train(data=planted_dir, config=config, out_dir=tmp_path, max_steps=2, progress=False)
     assert result == {"finished": False, "step": 2}
-    ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    ckpt = load_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["model_config"]["max_len"] == LONG
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 

@@ -6,6 +6,7 @@ import json
 import numpy as np
 import torch
 
+from darec.checkpoint import save_checkpoint
 from darec.cli import main
 from darec.data.batch import Batch
 from darec.data.store import PreparedDataset
@@ -18,7 +19,7 @@ def _checkpoint(tmp_path, dataset: PreparedDataset, *, max_len: int = 50):
                            attention_dim=4, dim=8, init_std=0.2)
     model = build_model(config).eval()
     path = tmp_path / "best.pt"
-    torch.save({"model_config": config.to_dict(), "model": model.state_dict(), "step": 1}, path)
+    save_checkpoint(path, {"model_config": config.to_dict(), "model": model.state_dict(), "step": 1})
     return model, path
 
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from darec.checkpoint import load_model_checkpoint, save_checkpoint
 from darec.data.batch import Batch
 from darec.errors import ConfigError, DataError
 from darec.models import build_model, preset_config
-from darec.serve.scorer import History, Scorer, load_checkpoint
+from darec.serve.scorer import History, Scorer
 
 DOT_PRESETS = ["dare", "dare_no_tr", "twin", "twin_hard", "twin_proj", "twin_no_tr", "twin_4e", "eta", "sdim"]
 N_ITEMS, N_CATS = 80, 7
@@ -136,16 +137,16 @@ def test_bad_candidate_shapes_raise_data_error():
 def test_checkpoint_round_trip(tmp_path):
     model = _model("twin_4e")
     path = tmp_path / "best.pt"
-    torch.save({"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 3}, path)
+    save_checkpoint(path, {"model_config": model.config.to_dict(), "model": model.state_dict(), "step": 3})
     history = _histories(2, 15)
     items, cats = _candidates(2, 4)
     torch.testing.assert_close(Scorer.load(path).logits(history, items, cats),
                                Scorer(model).logits(history, items, cats))
-    assert load_checkpoint(path).training is False
+    assert load_model_checkpoint(path).training is False
     with pytest.raises(DataError):
         Scorer.load(tmp_path / "missing.pt")
-    torch.save({"weights": 1}, tmp_path / "other.pt")
-    with pytest.raises(DataError, match="not a darec checkpoint"):
+    save_checkpoint(tmp_path / "other.pt", {"weights": 1})
+    with pytest.raises(DataError, match="lacks \\['model_config', 'model'\\]"):
         Scorer.load(tmp_path / "other.pt")
 
 

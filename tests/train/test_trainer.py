@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from darec.checkpoint import load_checkpoint
 from darec.models.presets import PRESETS
 from darec.train.config import TrainConfig
 from darec.train.trainer import train
@@ -33,8 +34,8 @@ def test_interrupted_then_resumed_run_equals_uninterrupted(planted_dir, tmp_path
     partial = train(data=planted_dir, config=config, out_dir=tmp_path / "cut", max_steps=11, progress=False)
     assert partial == {"finished": False, "step": 11}
     resumed = train(data=planted_dir, config=config, out_dir=tmp_path / "cut", progress=False)
-    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["model"]
+    a = load_checkpoint(tmp_path / "full" / "checkpoint.pt")["model"]
+    b = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["model"]
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
