@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
+from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -93,13 +94,13 @@ _SCALARS = (bool, int, float, str)  # bool first: it is an int
 
 
 def _plain(obj: Any, where: str) -> Any:
-    """`obj` with every value of a type `weights_only` loads (containers copied only as needed)."""
+    """A copy of the containers of `obj` holding only types `weights_only` loads (tensors are shared)."""
     if obj is None or type(obj) in _SCALARS or isinstance(obj, _LEAVES):
         return obj
     for base in _SCALARS:
         if isinstance(obj, base):
             return base(obj)
-    if isinstance(obj, dict):
+    if type(obj) in (dict, OrderedDict):
         out = copy.copy(obj)  # keeps an OrderedDict's type and a state_dict's `_metadata`
         out.clear()
         for key, value in obj.items():

@@ -36,8 +36,8 @@ DEMO_DATASETS = (
     # Training targets every 2nd click keep an epoch at ~116k samples; validation 5% of each user's targets.
     DemoDataset("movielens", ProtocolConfig(targets="dense", train_stride=2, val_fraction=0.05),
                 TrainConfig(batch_size=512, epochs=3, patience=2, lr=0.01)),
-    DemoDataset("planted", ProtocolConfig(),
-                TrainConfig(batch_size=256, epochs=8, patience=3, lr=0.01)),
+    # The default planted data: no re-click shortcut (the flag alone scores AUC 0.56).
+    DemoDataset("planted", ProtocolConfig(), TrainConfig(batch_size=256, epochs=4, lr=0.01)),
 )
 
 

@@ -15,3 +15,14 @@ def planted_dir(tmp_path_factory) -> Path:
     assert main(["synth", "--out", str(out)]) == 0
     return out
 
+
+
+@pytest.fixture(scope="session")
+def easy_planted_dir(tmp_path_factory) -> Path:
+    """The planted data before the re-click knob: 300 items (10 per category), slow decay. Every preset
+    learns it within 2 epochs, so it is the smoke test that each preset trains at all; its re-click
+    shortcut (flag AUC ≈ 0.85) means only the default planted data can tell a working search from a
+    broken one (tests/train/test_planted_thresholds.py)."""
+    out = tmp_path_factory.mktemp("easy_planted") / "data"
+    assert main(["synth", "--out", str(out), "--items", "300", "--decay-rate", "0.3"]) == 0
+    return out

@@ -87,8 +87,11 @@ def summary(manifest: dict, path: Path | str) -> str:
              f" (>= {p.get('min_clicks')} clicks); {manifest['n_events']:,} clicks stored",
              f"  vocab         {manifest['n_items']:,} items, {manifest['n_categories']:,} categories (incl. padding 0)",
              f"  protocol      max_len {p.get('max_len')}, {p.get('n_negatives')} negatives, "
-             f"{p.get('n_train_targets')} train targets every {p.get('train_stride')}, seed {p.get('seed')}, "
-             f"behaviours {p.get('behaviors') or 'all'}"]
+             + (f"dense targets after {p.get('min_history')} clicks (val {p.get('val_fraction')}, test "
+                f"{p.get('test_fraction')} of each user's), train every {p.get('train_stride')}"
+                if p.get("targets") == "dense" else
+                f"{p.get('n_train_targets')} train targets every {p.get('train_stride')}")
+             + f", seed {p.get('seed')}, behaviours {p.get('behaviors') or 'all'}"]
     for name, split in manifest["splits"].items():
         lines.append(f"  {name:<13} {split['samples']:,} samples ({split['positives']:,} positive)")
     lines.append(f"  skipped rows  {manifest.get('skipped_rows', 0):,} bad, "
@@ -128,7 +131,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--decay-rate", type=float, default=planted.decay_rate)
     synth.add_argument("--reclick", type=float, default=planted.reclick,
                        help="probability that a click re-visits a favourite item (higher: stronger re-click shortcut)")
-    synth.add_argument("--favourites", type=int, default=planted.n_favourites, help="favourite items per (user, category)")
+    synth.add_argument("--favourites", type=int, default=planted.n_favourites,
+                       help="favourite items per (user, category)")
     synth.add_argument("--synth-seed", type=int, default=planted.seed,
                        help="generator seed (--seed is the sampling seed)")
     _protocol_args(synth)

@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "search pass over the history (darec.Scorer) and prints the best ones.")
     p.add_argument("--checkpoint", type=Path, required=True, help="best.pt (or checkpoint.pt) of `darec train`")
     p.add_argument("--data", type=Path, required=True, help="prepared dataset directory (histories, categories)")
-    p.add_argument("--user", type=non_negative_int, required=True, help="prepared user index (the `user` column of the splits)")
+    p.add_argument("--user", type=non_negative_int, required=True,
+                   help="prepared user index (the `user` column of the splits)")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--candidates", type=int, nargs="+", metavar="ITEM", help="candidate item ids")
     group.add_argument("--n-candidates", type=positive_int, default=100,

@@ -176,8 +176,8 @@ def _validated_manifest(path: Path) -> dict[str, Any]:
         raise DataError(f"invalid manifest field {field!r}: {first['msg']}", path=file,
                         value=value if isinstance(value, (int, float, str, type(None))) else str(value)[:80]) from None
     if set(manifest["splits"]) != set(SPLITS):
-        raise DataError(f"invalid manifest: splits must be {list(SPLITS)}", path=file, column="splits",
-                        value=sorted(manifest["splits"]))
+        raise DataError(f"invalid manifest field 'splits': must be {list(SPLITS)}", path=file,
+                        value=str(sorted(manifest["splits"])))
     return manifest
 
 

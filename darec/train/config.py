@@ -49,7 +49,7 @@ class TrainConfig(BaseModel):
     eval_every: int | None = Field(None, ge=1, description="steps between validations (null: 4 per epoch)")
     select_metric: Literal["logloss", "auc"] = Field(
         "logloss", description="validation metric that picks the tested checkpoint and drives early stopping")
-    patience: int | None = Field(3, ge=1, description="stop after this many validations without improvement "
+    patience: int | None = Field(4, ge=1, description="stop after this many validations without improvement "
                                                       "(null: never stop early)")
     temperature_scaling: bool = Field(False, description="fit a logit temperature on validation after training")
     lr_schedule: Literal["constant", "cosine"] = Field("constant", description="learning-rate schedule after warm-up")

@@ -222,7 +222,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def environment(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """What besides the configuration decides a run's numbers: CPU kernels reduce in a thread-dependent
     order, so the same seed gives bit-identical results only for the same threads, torch and device."""
-    return {"threads": torch.get_num_threads(), "torch": torch.__version__, "device": str(device),
+    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "device": str(device),
             "deterministic": config.deterministic}
 
 

@@ -21,7 +21,8 @@ def _dataset(lengths, items, *, max_len: int, n_items: int, test: np.ndarray | N
     constant = np.broadcast_to(np.int32(1), items.shape)  # categories and times play no part here
     arrays = {"offsets": offsets, "items": items, "categories": constant, "timestamps": constant,
               "item_categories": np.ones(n_items, dtype=np.int32)}
-    return PreparedDataset(None, manifest, arrays, {"train": empty, "val": empty, "test": empty if test is None else test})
+    splits = {"train": empty, "val": empty, "test": empty if test is None else test}
+    return PreparedDataset(None, manifest, arrays, splits)
 
 
 def _samples(user, cut, item, label) -> np.ndarray:

@@ -103,7 +103,8 @@ def test_leftovers_of_dead_writers_are_removed_and_nothing_else(tmp_path, log):
     assert _prepare(log, out) == 0  # (with no `data`, a dead writer's `.data.old-*` would be restored instead)
     dead, alive = dead_pid(), os.getppid()
     stale = [tmp_path / f".data.tmp-{dead}-0123abcd", tmp_path / f".data.old-{dead}-89abcdef"]
-    kept = [tmp_path / f".data.tmp-{alive}-0123abcd", tmp_path / ".data.tmp-backup", tmp_path / f".other.tmp-{dead}-0123abcd"]
+    kept = [tmp_path / f".data.tmp-{alive}-0123abcd", tmp_path / ".data.tmp-backup",
+            tmp_path / f".other.tmp-{dead}-0123abcd"]
     for path in stale + kept:
         path.mkdir()
         (path / "x.npy").write_bytes(b"42 MB of half-written arrays")

@@ -19,10 +19,10 @@ BASELINES = {"eta", "sdim", "twin_v2", "sim_hard", "sim_soft"}
 
 
 @pytest.mark.parametrize("preset", sorted(set(PRESETS) - BASELINES))
-def test_every_preset_learns_the_planted_signal(planted_dir, tmp_path, preset):
-    result = train(data=planted_dir, config=TrainConfig(preset=preset, **SMALL), out_dir=tmp_path,
+def test_every_preset_learns_the_planted_signal(easy_planted_dir, tmp_path, preset):
+    result = train(data=easy_planted_dir, config=TrainConfig(preset=preset, **SMALL), out_dir=tmp_path,
                    progress=False)
-    assert result["test"]["auc"] >= 0.7, result["test"]
+    assert result["test"]["auc"] >= 0.7, result["test"]  # a preset that does not train scores 0.5
     saved = json.loads((tmp_path / "result.json").read_text())
     assert saved["test"]["auc"] == result["test"]["auc"]
     assert (tmp_path / "curve.csv").read_text().startswith("step,")
