@@ -1,9 +1,11 @@
-"""Confidence intervals and paired tests for AUC, by a two-level bootstrap over users and seeds.
+"""Confidence intervals and paired tests for AUC, by bootstrapping users (and seeds for the test).
 
 Test samples of one user are not independent (same history, same taste), so the bootstrap redraws
-users, not samples; and a row's mean over seeds also varies with the seeds, so each replicate redraws
-the seeds too (paired: the same seed indices for every row). One replicate's user draw is shared by all
-rows, which makes the difference between two rows a paired statistic.
+users, not samples. The interval of a row is that of its mean AUC over its seeds on the population of
+users (seeds held fixed; the seed spread is reported beside it as a std). The paired test against
+another row redraws the seeds too (the same seed indices for both rows), so a difference must hold
+across seeds *and* users to be called significant. One replicate's user draw is shared by all rows,
+which makes the difference between two rows a paired statistic.
 
 Users are dealt at random into G ≤ `max_groups` groups that are the resampled units (a cluster of
 independent users is still an independent unit, and G stays bounded on Taobao-size test sets). Each
@@ -68,16 +70,17 @@ def pair_counts(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray, n_gr
 
 @dataclass(frozen=True)
 class BootstrapAUC:
-    """A row's mean AUC over seeds: its point value, 95% percentile interval and its replicates."""
+    """A row's mean AUC over seeds: its point value, 95% interval over users, and its replicates."""
 
     mean: float
     ci_low: float
     ci_high: float
-    replicates: np.ndarray  # (R,)
+    replicates: np.ndarray         # (R,) users redrawn, seeds fixed: the interval
+    paired_replicates: np.ndarray  # (R,) users and seeds redrawn, shared draws across rows: the test
 
     def p_value_against(self, other: "BootstrapAUC") -> float:
-        """Two-sided bootstrap p-value of 'this row's AUC equals the other's' (paired replicates)."""
-        diff = self.replicates - other.replicates
+        """Two-sided bootstrap p-value of 'this row's AUC equals the other's' over users and seeds."""
+        diff = self.paired_replicates - other.paired_replicates
         tail = min(np.mean(diff <= 0), np.mean(diff >= 0))
         return float(min(1.0, 2 * tail + 1.0 / len(diff)))  # + 1/R: R draws cannot show p below 1/R
 
@@ -86,7 +89,7 @@ def bootstrap_rows(labels: np.ndarray, users: np.ndarray, logits: dict[str, list
                    subset: np.ndarray | None = None, n_replicates: int = 1000, seed: int = 0,
                    max_groups: int = 1000) -> dict[str, BootstrapAUC]:
     """Per row (name → one logits array per seed, all in the test split's order): the mean test AUC over
-    seeds with a 95% two-level bootstrap interval. `subset` (bool, n) restricts the AUC to those samples."""
+    seeds with its 95% interval over users. `subset` (bool, n) restricts the AUC to those samples."""
     keep = np.ones(len(labels), bool) if subset is None else np.asarray(subset, bool)
     groups, n_groups = user_groups(np.asarray(users)[keep], max_groups=max_groups, seed=seed)
     n_seeds = {len(runs) for runs in logits.values()}
@@ -100,8 +103,9 @@ def bootstrap_rows(labels: np.ndarray, users: np.ndarray, logits: dict[str, list
     for name, runs in logits.items():
         counts = [pair_counts(labels, np.asarray(r)[keep], groups, n_groups) for r in runs]
         per_seed = np.stack([c.auc(multiplicity) for c in counts], axis=1)              # (R, S)
-        replicates = np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1)
+        replicates = per_seed.mean(axis=1)
         point = float(np.mean([c.auc(np.ones(n_groups))[0] for c in counts]))
         low, high = np.quantile(replicates, [0.025, 0.975])
-        out[name] = BootstrapAUC(mean=point, ci_low=float(low), ci_high=float(high), replicates=replicates)
+        out[name] = BootstrapAUC(mean=point, ci_low=float(low), ci_high=float(high), replicates=replicates,
+                                 paired_replicates=np.take_along_axis(per_seed, seeds, axis=1).mean(axis=1))
     return out

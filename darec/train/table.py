@@ -183,11 +183,12 @@ def markdown_table(rows: list[dict[str, Any]], spec: TableSpec, manifest: dict[s
              f"{manifest.get('n_users', '?')} users, {len(evidence.labels):,} test samples, content hash "
              f"`{str(manifest.get('content_sha256', ''))[:12]}`. Environment: {env['threads']} threads, "
              f"torch {env['torch']}, {env['device']}.", "",
-             "AUC: mean (std over seeds) and 95% interval from a bootstrap over users and seeds. "
+             "AUC: mean (std over seeds) and its 95% interval over users (bootstrap, seeds fixed). "
              "New-item AUC: positives whose item is not in the visible history, against all negatives "
              f"(the re-click flag alone scores AUC {evidence.shortcut_auc:.3f}; "
              f"{evidence.in_history[evidence.labels == 1].mean():.1%} of test positives have it). "
-             f"p: paired bootstrap against TWIN; **bold**: above TWIN at p < 0.05. Logloss of a constant "
+             f"p: paired bootstrap against TWIN over users and seeds; **bold**: above TWIN at p < 0.05. "
+             f"Logloss of a constant "
              f"predictor: {evidence.constant_logloss:.4f}.", "",
              "| Setup | dim | AUC | 95% CI | new-item AUC | GAUC | logloss | p vs TWIN |",
              "|---|---|---|---|---|---|---|---|"]
