@@ -60,7 +60,7 @@ def _run_synth(args: argparse.Namespace) -> int:
     synth = SyntheticConfig(n_users=args.users, n_items=args.items, n_categories=args.categories,
                             mean_length=args.mean_length, decay_rate=args.decay_rate, reclick=args.reclick,
                             n_favourites=args.favourites, seed=args.synth_seed)
-    dataset = prepare_synthetic(synth, out=args.out, config=_protocol(args))
+    dataset = prepare_synthetic(synth, out=args.out, config=_protocol(args), overwrite=args.overwrite)
     print(summary(dataset.manifest, dataset.path))
     return 0
 
@@ -135,6 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="favourite items per (user, category)")
     synth.add_argument("--synth-seed", type=int, default=planted.seed,
                        help="generator seed (--seed is the sampling seed)")
+    _overwrite_arg(synth)
     _protocol_args(synth)
     synth.set_defaults(handler=_run_synth)
 

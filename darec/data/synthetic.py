@@ -161,8 +161,10 @@ def _save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def prepare_synthetic(synth: SyntheticConfig | None = None, *, out: str | Path,
-                      config: ProtocolConfig | None = None) -> PreparedDataset:
-    """Generate and prepare in one go; the truth is saved in prepared category ids as `planted_truth.npz`."""
+                      config: ProtocolConfig | None = None, overwrite: bool = False) -> PreparedDataset:
+    """Generate and prepare in one go; the truth is saved in prepared category ids as `planted_truth.npz`.
+
+    `out` follows `prepare`'s rules: only a dataset darec wrote is replaced unless `overwrite`."""
     synth = synth or SyntheticConfig()
     frame, truth = generate(synth)
     events = RawEvents(frame=frame, n_skipped=0, source="synthetic", paths=())
@@ -177,4 +179,5 @@ def prepare_synthetic(synth: SyntheticConfig | None = None, *, out: str | Path,
         (directory / "planted_truth.json").write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
         return {"planted_truth": {"file": TRUTH_FILE, "decay": "exp(-decay_rate * (position - 1))", **params}}
 
-    return prepare(source="synthetic", out=out, config=config, events=events, extra=write_truth)
+    return prepare(source="synthetic", out=out, config=config, events=events, extra=write_truth,
+                   overwrite=overwrite)

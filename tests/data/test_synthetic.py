@@ -76,3 +76,12 @@ def test_config_checks():
         SyntheticConfig(reclick=1.5)
     with pytest.raises(ConfigError, match="n_favourites"):
         SyntheticConfig(n_favourites=0)
+
+
+def test_synth_refuses_a_folder_darec_did_not_write(tmp_path, capsys):
+    from darec.cli import main
+
+    (tmp_path / "thesis.tex").write_text("precious")
+    assert main(["synth", "--out", str(tmp_path), "--users", "20"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "thesis.tex").read_text() == "precious"
