@@ -26,13 +26,10 @@ non_negative_int = _int_at_least(0, "a non-negative integer")
 
 
 def device_name(text: str) -> str:
-    """`auto` or a device torch can parse (cpu, cuda, cuda:1, mps); availability is checked later."""
-    if text == "auto":
-        return text
-    import torch
+    """A device name `TrainConfig.device` accepts too (one rule: `check_device_name`)."""
+    from darec.train.config import check_device_name
 
     try:
-        torch.device(text)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}") from None
-    return text
+        return check_device_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"{err}, got {text!r}") from None

@@ -16,9 +16,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from darec.errors import ConfigError
 
-__all__ = ["TrainConfig", "load_run_config", "validation_message"]
+__all__ = ["TrainConfig", "load_run_config", "validation_message", "check_device_name"]
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def check_device_name(value: str) -> str:
+    """The device names darec runs on (availability is checked when the device is resolved); the one rule
+    behind every `--device` flag and the `device` option."""
+    if not _DEVICE.match(value):
+        raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
+    return value
 
 
 def validation_message(err: ValidationError, *, section: str) -> str:
@@ -27,7 +35,7 @@ def validation_message(err: ValidationError, *, section: str) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in (section, *e["loc"]))
         got = f" (got {e['input']!r})" if e["type"] != "extra_forbidden" else ""
-        msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"]
+        msg = "unknown option" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, ")
         parts.append(f"{key}: {msg}{got}")
     return "; ".join(parts)
 
@@ -69,9 +77,7 @@ class TrainConfig(BaseModel):
     @field_validator("device")
     @classmethod
     def _known_device(cls, value: str) -> str:
-        if not _DEVICE.match(value):
-            raise ValueError("expected auto, cpu, mps, cuda or cuda:N")
-        return value
+        return check_device_name(value)
 
     def __init__(self, **data: Any) -> None:
         try:

@@ -18,7 +18,7 @@ from darec.errors import ConfigError, DataError
 from darec.io import write_json, write_text
 from darec.models.presets import PRESETS, TABLE1_PRESETS
 from darec.train.config import TrainConfig
-from darec.train.metrics import auc
+from darec.train.metrics import auc, logloss
 from darec.train.significance import bootstrap_rows
 from darec.train.trainer import TEST_LOGITS, environment, resolve_device, train
 
@@ -127,9 +127,9 @@ def evidence_of(dataset: PreparedDataset, *, max_len: int | None) -> Evidence:
     labels = np.asarray(test["label"]).astype(np.int64)
     flags = target_in_history(dataset, test, max_len=max_len)
     rate = labels.mean()
+    constant = np.full(len(labels), np.log(rate / (1 - rate)))  # the logit of the positive rate
     return Evidence(labels=labels, users=np.asarray(test["user"]), in_history=flags,
-                        constant_logloss=float(-(rate * np.log(rate) + (1 - rate) * np.log(1 - rate))),
-                        shortcut_auc=auc(labels, flags.astype(np.float64)))
+                    constant_logloss=logloss(labels, constant), shortcut_auc=auc(labels, flags.astype(np.float64)))
 
 
 def summarise(runs: list[dict[str, Any]], spec: TableSpec, evidence: Evidence, *,
@@ -144,8 +144,9 @@ def summarise(runs: list[dict[str, Any]], spec: TableSpec, evidence: Evidence, *
                 raise DataError(f"{preset} d={dim}: test logits do not match the test split; delete its run "
                                 "folders and run again", path=Path(runs[0]["run_dir"]).parent)
         everything = bootstrap_rows(evidence.labels, evidence.users, logits, n_replicates=n_replicates)
-        new_items = bootstrap_rows(evidence.labels, evidence.users, logits, subset=evidence.new_item_subset,
-                                   n_replicates=n_replicates)
+        subset = evidence.new_item_subset
+        new_items = everything if subset.all() else bootstrap_rows(  # no re-clicks: the same samples
+            evidence.labels, evidence.users, logits, subset=subset, n_replicates=n_replicates)
         for preset in spec.presets:
             cell = [r for r in runs if r["preset"] == preset and r["dim"] == dim]
             row: dict[str, Any] = {"preset": preset, "dim": dim, "seeds": len(cell)}
@@ -187,9 +188,8 @@ def markdown_table(rows: list[dict[str, Any]], spec: TableSpec, manifest: dict[s
              "New-item AUC: positives whose item is not in the visible history, against all negatives "
              f"(the re-click flag alone scores AUC {evidence.shortcut_auc:.3f}; "
              f"{evidence.in_history[evidence.labels == 1].mean():.1%} of test positives have it). "
-             f"p: paired bootstrap against TWIN over users and seeds; **bold**: above TWIN at p < 0.05. "
-             f"Logloss of a constant "
-             f"predictor: {evidence.constant_logloss:.4f}.", "",
+             "p: paired bootstrap against TWIN over users and seeds; **bold**: above TWIN at p < 0.05. "
+             f"Logloss of a constant predictor: {evidence.constant_logloss:.4f}.", "",
              "| Setup | dim | AUC | 95% CI | new-item AUC | GAUC | logloss | p vs TWIN |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -118,16 +118,15 @@ class Optimizers:
     def clip_grad_norm(self, max_norm: float) -> float:
         """Scale every gradient (dense, and the row-sparse ones of embeddings) so their global norm is at
         most `max_norm`; returns the norm before clipping."""
-        grads = [p.grad for opt in self.all for g in opt.param_groups for p in g["params"] if p.grad is not None]
-        grads = [g.coalesce() if g.is_sparse else g for g in grads]  # duplicate rows summed before the norm
+        params = [p for opt in self.all for g in opt.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                p.grad = p.grad.coalesce()  # duplicate rows summed before the norm
         norm = torch.linalg.vector_norm(torch.stack(
-            [torch.linalg.vector_norm(g._values() if g.is_sparse else g) for g in grads]))
+            [torch.linalg.vector_norm(p.grad._values() if p.grad.is_sparse else p.grad) for p in params]))
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-        for opt in self.all:
-            for group in opt.param_groups:
-                for p in group["params"]:
-                    if p.grad is not None:
-                        p.grad = (p.grad.coalesce() * scale) if p.grad.is_sparse else p.grad.mul_(scale)
+        for p in params:
+            p.grad.mul_(scale)
         return float(norm)
 
     def step(self) -> None:
@@ -317,8 +316,9 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
              "early_stopped": False, "curve": [], "train_time": 0.0, "samples": 0}
     ckpt_path = out_dir / "checkpoint.pt"
     if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device)
-        if ckpt.get("config") != config.to_dict() or ckpt.get("environment") != env:
+        ckpt = load_checkpoint(ckpt_path, map_location=device,
+                               keys=("config", "environment", "model", "optimizer", "state", "rng"))
+        if ckpt["config"] != config.to_dict() or ckpt["environment"] != env:
             raise ConfigError(f"{ckpt_path} was written by another configuration or environment (threads, torch, "
                               "device); use a new --out or --no-resume")
         model.load_state_dict(ckpt["model"])
@@ -387,7 +387,7 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
 def _finish(model: TwoStageModel, dataset: PreparedDataset, config: TrainConfig, model_config: ModelConfig,
             state: dict[str, Any], env: dict[str, Any], out_dir: Path, device: torch.device) -> dict[str, Any]:
     """Reload the best checkpoint, fit the temperature on validation if asked, test, write result.json."""
-    best = load_checkpoint(out_dir / "best.pt", map_location=device)
+    best = load_checkpoint(out_dir / "best.pt", map_location=device, keys=("model",))
     model.load_state_dict(best["model"])
     loaders = {split: BatchLoader(dataset, split, batch_size=config.eval_batch_size, shuffle=False, seed=0,
                                   max_len=model_config.max_len, device=device) for split in ("val", "test")}

@@ -4,36 +4,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from darec.analysis import analyze
 from darec.cli import main
-from darec.data.protocol import ProtocolConfig
-from darec.data.synthetic import SyntheticConfig, prepare_synthetic
 from darec.errors import ConfigError
 
 KINDS = ("gradients", "attention", "retrieval", "discriminability", "convergence", "attention-size")
 
 
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """`--threads 1` changes torch's process-wide setting; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "tiny"
-    prepare_synthetic(SyntheticConfig(n_users=30, n_items=40, n_categories=6, mean_length=225),
-                      out=out, config=ProtocolConfig(max_len=20))
-    return out
-
-
-def test_analyze_all_then_report(tiny, tmp_path):
+def test_analyze_all_then_report(tiny_planted_dir, tmp_path):
     out = tmp_path / "analyses"
-    args = ["analyze", "all", "--data", str(tiny), "--out", str(out), "--presets", "dare", "twin", "twin_no_tr",
+    args = ["analyze", "all", "--data", str(tiny_planted_dir), "--out", str(out),
+            "--presets", "dare", "twin", "twin_no_tr",
             "--dim", "4", "--sizes", "8", "4", "--epochs", "1", "--batch-size", "128", "--eval-every", "3",
             "--steps", "5", "--threads", "1", "--no-progress"]
     assert main(args) == 0
@@ -54,8 +36,8 @@ def test_analyze_all_then_report(tiny, tmp_path):
     assert {m["feature_dim"] for m in disc["models"].values()} == {12}           # h is one token wide (3 x 4)
     # A second call reuses the finished runs instead of training again.
     stamp = (out / "runs" / "dare-d4-s1" / "result.json").stat().st_mtime_ns
-    assert main(["analyze", "convergence", "--data", str(tiny), "--out", str(out), "--presets", "dare", "twin",
-                 "--dim", "4", "--epochs", "1", "--batch-size", "128", "--eval-every", "3", "--threads", "1",
+    assert main(["analyze", "convergence", "--data", str(tiny_planted_dir), "--out", str(out),
+                 "--presets", "dare", "twin", "--dim", "4", "--epochs", "1", "--batch-size", "128", "--eval-every", "3", "--threads", "1",
                  "--no-progress"]) == 0
     assert (out / "runs" / "dare-d4-s1" / "result.json").stat().st_mtime_ns == stamp
 
@@ -83,8 +65,8 @@ def test_report_and_analyze_errors_are_one_line(tmp_path, capsys):
     assert "not a prepared dataset" in capsys.readouterr().err
 
 
-def test_changed_budget_does_not_reuse_an_old_run(tiny, tmp_path, capsys):
-    base = ["analyze", "convergence", "--data", str(tiny), "--out", str(tmp_path), "--presets", "dare",
+def test_changed_budget_does_not_reuse_an_old_run(tiny_planted_dir, tmp_path, capsys):
+    base = ["analyze", "convergence", "--data", str(tiny_planted_dir), "--out", str(tmp_path), "--presets", "dare",
             "--dim", "4", "--batch-size", "128", "--eval-every", "3", "--threads", "1", "--no-progress"]
     assert main(base + ["--epochs", "1"]) == 0
     assert main(base + ["--epochs", "2"]) == 2

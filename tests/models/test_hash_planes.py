@@ -5,8 +5,6 @@ import pytest
 import torch
 
 from darec.checkpoint import load_checkpoint
-from darec.data.protocol import ProtocolConfig
-from darec.data.synthetic import SyntheticConfig, prepare_synthetic
 from darec.errors import ConfigError
 from darec.models import build_model, preset_config
 from darec.serve import Scorer
@@ -33,25 +31,14 @@ def test_planes_follow_torch_seed_unless_pinned(preset):
 
 @pytest.fixture
 def one_thread():
-    """Training on a busy 2-core machine is 10x faster on one thread; the session's setting comes back after."""
-    threads = torch.get_num_threads()
+    """Training on a busy 2-core machine is 10x faster on one thread (conftest restores the setting)."""
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("planes") / "tiny"
-    prepare_synthetic(SyntheticConfig(n_users=30, n_items=40, n_categories=6, mean_length=225),
-                      out=out, config=ProtocolConfig(max_len=20))
-    return out
-
-
-def test_trained_planes_come_from_the_training_seed_and_serving_uses_them(tiny, tmp_path, one_thread):
+def test_trained_planes_come_from_the_training_seed_and_serving_uses_them(tiny_planted_dir, tmp_path, one_thread):
     def trained(seed: int, name: str) -> torch.Tensor:
         config = TrainConfig(preset="eta", seed=seed, batch_size=256, epochs=1, model={"dim": 4}, device="cpu")
-        train(data=tiny, config=config, out_dir=tmp_path / name, progress=False)
+        train(data=tiny_planted_dir, config=config, out_dir=tmp_path / name, progress=False)
         return load_checkpoint(tmp_path / name / "best.pt")["model"][PLANES["eta"]]
 
     first, again, other = trained(1, "a"), trained(1, "b"), trained(2, "c")
