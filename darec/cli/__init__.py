@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 
+from darec import __version__
 from darec.errors import DarecError
 
 __all__ = ["main"]
@@ -20,6 +21,7 @@ _COMMAND_MODULES = ("darec.cli.data", "darec.cli.train", "darec.cli.serve", "dar
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="darec", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"darec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from darec.cli.arg_types import config_file, shipped_configs
 from darec.errors import ConfigError
 
 __all__ = ["register", "train_config_from_args"]
@@ -23,7 +24,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     """Every TrainConfig option as a flag (help from its description), plus the model shortcuts."""
     from darec.train.config import TrainConfig
 
-    p.add_argument("--config", type=Path, help="YAML run config (train options, preset, model: {...})")
+    p.add_argument("--config", type=config_file,
+                   help="YAML run config (train options, preset, model: {...}), or a shipped one by name: "
+                        + ", ".join(sorted(shipped_configs())))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override any option, e.g. --set lr=0.001 --set model.top_k=50 (repeatable)")
     p.add_argument("--attention-dim", help="model: K_A per field (decoupled tables only)")

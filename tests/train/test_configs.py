@@ -36,3 +36,26 @@ def test_cli_reports_bad_override_without_traceback(capsys, tmp_path):
     code = main(["train", "--data", str(tmp_path), "--set", "model.not_a_field=3"])
     assert code == 2
     assert "not_a_field" in capsys.readouterr().err
+
+
+def test_shipped_config_by_name_from_any_folder(tmp_path, monkeypatch):
+    """`--config paper` names the packaged file, wherever the command runs; a local file of that name
+    wins, and an unknown name is one argparse line (exit 2)."""
+    from darec.cli.arg_types import config_file
+
+    monkeypatch.chdir(tmp_path)
+    assert config_file("paper").resolve() == (CONFIGS[0].parent / "paper.yaml").resolve()
+    (tmp_path / "paper").write_text("lr: 0.5\n")
+    assert config_file("paper") == Path("paper")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--data", str(tmp_path), "--config", "no_such_config"])
+    assert exit_info.value.code == 2
+
+
+def test_version_is_reported(capsys):
+    from darec import __version__
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"darec {__version__}"
