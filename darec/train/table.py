@@ -165,8 +165,9 @@ def summarise(runs: list[dict[str, Any]], spec: TableSpec, evidence: Evidence, *
     return rows
 
 
-def _std(values: np.ndarray) -> float:
-    return float(values.std(ddof=1)) if len(values) > 1 else 0.0
+def _std(values: np.ndarray) -> float | None:
+    """Sample std over seeds; undefined (an empty CSV cell) for a single seed rather than a false 0."""
+    return float(values.std(ddof=1)) if len(values) > 1 else None
 
 
 def _csv(rows: list[dict[str, Any]]) -> str:
@@ -193,7 +194,7 @@ def markdown_table(rows: list[dict[str, Any]], spec: TableSpec, manifest: dict[s
              "| Setup | dim | AUC | 95% CI | new-item AUC | GAUC | logloss | p vs TWIN |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        auc_text = f"{r['auc_mean']:.4f} ({r['auc_std']:.4f})"
+        auc_text = f"{r['auc_mean']:.4f}" + ("" if r["auc_std"] is None else f" ({r['auc_std']:.4f})")
         better = r["p_vs_twin"] is not None and r["p_vs_twin"] < 0.05 and r["auc_mean"] > _twin(rows, r)
         p_text = "–" if r["p_vs_twin"] is None else f"{r['p_vs_twin']:.3f}"
         lines.append(f"| {r['name']} | {r['dim']} | {f'**{auc_text}**' if better else auc_text} | "

@@ -77,3 +77,4 @@ def test_new_item_auc_ignores_the_positives_a_reclick_flag_gives_away(tmp_path):
              "test": {"auc": evidence.shortcut_auc, "gauc": 0.5, "logloss": 0.6, "accuracy": 0.7, "category_auc": 0.5}}]
     row = summarise(runs, TableSpec(presets=("twin",), dims=(16,), seeds=(1,)), evidence, n_replicates=50)[0]
     assert row["auc_mean"] > 0.6 and row["auc_new_mean"] == pytest.approx(0.5)
+    assert row["auc_std"] is None  # one seed has no spread to report, not a spread of 0
