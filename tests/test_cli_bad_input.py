@@ -95,32 +95,32 @@ CASES = [
     ("table-out-under-file", "table --data {data} --out {tmp}/afile/tab", ["afile/tab", "regular file"], None),
     ("table-out-in-proc", "table --data {data} --out /proc/darec-test-table", ["/proc/darec-test-table"], None),
     # score
-    ("score-top-negative", "score --checkpoint {ckpt} --data {data} --user 0 --top -2", ["--top", "-2"], None),
-    ("score-top-zero", "score --checkpoint {ckpt} --data {data} --user 0 --top 0", ["--top", "0"], None),
+    ("score-top-negative", "score --checkpoint {ckpt} --data {data} --user 1 --top -2", ["--top", "-2"], None),
+    ("score-top-zero", "score --checkpoint {ckpt} --data {data} --user 1 --top 0", ["--top", "0"], None),
     ("score-user-negative", "score --checkpoint {ckpt} --data {data} --user -1", ["--user", "-1"], None),
-    ("score-user-too-big", "score --checkpoint {ckpt} --data {data} --user {n_users}", ["--user", "{n_users}"], None),
+    ("score-user-unknown", "score --checkpoint {ckpt} --data {data} --user 99999", ["--user", "99999"], None),
     ("score-user-text", "score --checkpoint {ckpt} --data {data} --user alice", ["--user", "alice"], None),
     ("score-user-missing", "score --checkpoint {ckpt} --data {data}", ["--user"], None),
-    ("score-data-missing-flag", "score --checkpoint {ckpt} --user 0", ["--data"], None),
-    ("score-data-missing", "score --checkpoint {ckpt} --data {tmp}/nope --user 0", ["nope"], None),
-    ("score-n-items-mismatch", "score --checkpoint {ckpt_wrong} --data {data} --user 0",
+    ("score-data-missing-flag", "score --checkpoint {ckpt} --user 1", ["--data"], None),
+    ("score-data-missing", "score --checkpoint {ckpt} --data {tmp}/nope --user 1", ["nope"], None),
+    ("score-n-items-mismatch", "score --checkpoint {ckpt_wrong} --data {data} --user 1",
      ["n_items={n_wrong}", "has {n_items}", "ckpt_wrong.pt"], None),
-    ("score-checkpoint-missing", "score --checkpoint {tmp}/nope.pt --data {data} --user 0", ["nope.pt"], None),
-    ("score-checkpoint-folder", "score --checkpoint {tmp}/adir --data {data} --user 0", ["adir", "directory"], None),
-    ("score-checkpoint-garbage", "score --checkpoint {tmp}/garbage.pt --data {data} --user 0", ["garbage.pt"], None),
-    ("score-checkpoint-text", "score --checkpoint {tmp}/afile --data {data} --user 0", ["afile"], None),
-    ("score-n-candidates-zero", "score --checkpoint {ckpt} --data {data} --user 0 --n-candidates 0",
+    ("score-checkpoint-missing", "score --checkpoint {tmp}/nope.pt --data {data} --user 1", ["nope.pt"], None),
+    ("score-checkpoint-folder", "score --checkpoint {tmp}/adir --data {data} --user 1", ["adir", "directory"], None),
+    ("score-checkpoint-garbage", "score --checkpoint {tmp}/garbage.pt --data {data} --user 1", ["garbage.pt"], None),
+    ("score-checkpoint-text", "score --checkpoint {tmp}/afile --data {data} --user 1", ["afile"], None),
+    ("score-n-candidates-zero", "score --checkpoint {ckpt} --data {data} --user 1 --n-candidates 0",
      ["--n-candidates", "0"], None),
-    ("score-n-candidates-too-many", "score --checkpoint {ckpt} --data {data} --user 0 --n-candidates 99999",
+    ("score-n-candidates-too-many", "score --checkpoint {ckpt} --data {data} --user 1 --n-candidates 99999",
      ["--n-candidates", "99999"], None),
-    ("score-candidate-zero", "score --checkpoint {ckpt} --data {data} --user 0 --candidates 0 5", ["candidate", "0"],
+    ("score-candidate-zero", "score --checkpoint {ckpt} --data {data} --user 1 --candidates 0 5", ["candidate", "0"],
      None),
-    ("score-candidate-too-big", "score --checkpoint {ckpt} --data {data} --user 0 --candidates 5 {n_items}",
-     ["candidate", "{n_items}"], None),
-    ("score-max-len-zero", "score --checkpoint {ckpt} --data {data} --user 0 --max-len 0", ["--max-len", "0"], None),
-    ("score-seed-negative", "score --checkpoint {ckpt} --data {data} --user 0 --seed -1", ["--seed", "-1"], None),
-    ("score-device", "score --checkpoint {ckpt} --data {data} --user 0 --device gpu0", ["--device", "gpu0"], None),
-    ("score-json-under-file", "score --checkpoint {ckpt} --data {data} --user 0 --json {tmp}/afile/s.json",
+    ("score-candidate-unknown", "score --checkpoint {ckpt} --data {data} --user 1 --candidates 5 99999",
+     ["candidate", "99999"], None),
+    ("score-max-len-zero", "score --checkpoint {ckpt} --data {data} --user 1 --max-len 0", ["--max-len", "0"], None),
+    ("score-seed-negative", "score --checkpoint {ckpt} --data {data} --user 1 --seed -1", ["--seed", "-1"], None),
+    ("score-device", "score --checkpoint {ckpt} --data {data} --user 1 --device gpu0", ["--device", "gpu0"], None),
+    ("score-json-under-file", "score --checkpoint {ckpt} --data {data} --user 1 --json {tmp}/afile/s.json",
      ["afile/s.json"], None),
     # analyze and report
     ("analyze-kind", "analyze everything --data {data} --out {tmp}/an", ["everything"], "an"),
@@ -217,7 +217,7 @@ def test_damaged_dataset_is_refused_before_training(command, damage, words, work
     if command == "train":
         args = ["train", *FAST["train"], "--data", str(data), "--out", str(work / "run")]
     else:
-        args = ["score", "--checkpoint", str(checkpoints["ckpt"]), "--data", str(data), "--user", "0"]
+        args = ["score", "--checkpoint", str(checkpoints["ckpt"]), "--data", str(data), "--user", "1"]
     before = tree_snapshot(work)
 
     rc, err = run_cli(args, capsys)
@@ -238,16 +238,16 @@ def test_a_real_bug_keeps_its_traceback(monkeypatch, work, planted_dir, checkpoi
         raise OSError("internal failure with no path")
     monkeypatch.setattr(serve, "score_user", broken)
     with pytest.raises(OSError, match="internal failure"):
-        main(["score", "--checkpoint", str(checkpoints["ckpt"]), "--data", str(planted_dir), "--user", "0"])
+        main(["score", "--checkpoint", str(checkpoints["ckpt"]), "--data", str(planted_dir), "--user", "1"])
     monkeypatch.setattr(serve, "score_user", lambda **_: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        main(["score", "--checkpoint", str(checkpoints["ckpt"]), "--data", str(planted_dir), "--user", "0"])
+        main(["score", "--checkpoint", str(checkpoints["ckpt"]), "--data", str(planted_dir), "--user", "1"])
 
 
 def test_max_len_is_not_replaced_by_the_default(planted_dir, checkpoints):
     """`--max-len N` scores with exactly N behaviours (0 used to mean "the model's default")."""
     from darec.cli.serve import score_user
-    result = score_user(checkpoint=checkpoints["ckpt"], data=planted_dir, user=0, n_candidates=3, max_len=7)
+    result = score_user(checkpoint=checkpoints["ckpt"], data=planted_dir, user=1, n_candidates=3, max_len=7)
     assert result["max_len"] == 7 and result["history_length"] == 7
     with pytest.raises(ConfigError, match="--max-len must be >= 1, got 0"):
-        score_user(checkpoint=checkpoints["ckpt"], data=planted_dir, user=0, n_candidates=3, max_len=0)
+        score_user(checkpoint=checkpoints["ckpt"], data=planted_dir, user=1, n_candidates=3, max_len=0)

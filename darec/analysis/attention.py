@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from scipy.stats import spearmanr
 
-from darec.analysis.common import (AnalysisContext, load_model, save_figure, search_scores, trained_run,
+from darec.analysis.common import (AnalysisContext, load_model, raw_ids, save_figure, search_scores, trained_run,
                                    write_analysis)
 from darec.analysis.groundtruth import cell_keys, count_cooccurrence, most_common_targets
 from darec.data.batch import Batch
@@ -78,7 +78,8 @@ def _softmax_grid(scores: np.ndarray) -> np.ndarray:
     return (z / z.sum(1, keepdims=True)).reshape(scores.shape)
 
 
-def _heatmaps(grid: np.ndarray, *, targets, categories, positions, title: str, path) -> None:
+def _heatmaps(grid: np.ndarray, *, targets, categories, positions, title: str, path, names: dict) -> None:
+    """One (C, P) panel per target; categories are labelled by `names` (internal id -> raw id)."""
     n = len(targets)
     cols = min(5, n)
     rows = int(np.ceil(n / cols))
@@ -88,10 +89,10 @@ def _heatmaps(grid: np.ndarray, *, targets, categories, positions, title: str, p
             ax.axis("off")
             continue
         ax.imshow(grid[i], cmap="viridis", vmin=0, vmax=1, aspect="auto")
-        ax.set(title=f"target category {targets[i]}", xlabel="position",
+        ax.set(title=f"target category {names[int(targets[i])]}", xlabel="position",
                xticks=range(len(positions)), yticks=range(len(categories)))
         ax.set_xticklabels(positions, fontsize=6)
-        ax.set_yticklabels(categories, fontsize=6)
+        ax.set_yticklabels([names[int(c)] for c in categories], fontsize=6)
         ax.set_ylabel("behaviour category", fontsize=7)
     fig.suptitle(title)
     fig.subplots_adjust(left=0.06, right=0.98, bottom=0.08, top=0.88, wspace=0.35, hspace=0.55)
@@ -110,20 +111,22 @@ def run_attention(ctx: AnalysisContext, *, n_categories: int = 10, n_positions: 
     mi = counts.mutual_information_at(*grid)                                                   # (T, C, P)
     grids = {"ground_truth_mi": mi}
     shown = dict(targets=targets, categories=categories, positions=positions)
+    raw_categories = raw_ids(dataset, "category", categories)
+    names = dict(zip(categories.tolist(), raw_categories or categories.tolist()))  # raw ids label the plots
     _heatmaps(minmax(mi), title="ground truth: MI(behaviour at (c, p); label) in bits, min-max per target",
-              path=out / "ground_truth_mi.png", **shown)
+              path=out / "ground_truth_mi.png", names=names, **shown)
     planted = None
     if (ctx.data_dir / TRUTH_FILE).is_file():
         planted = planted_grid(PlantedTruth.load(ctx.data_dir), **shown)
         grids["planted_truth"] = planted
         _heatmaps(minmax(planted), title="planted truth A[c, t] * decay(p), min-max per target",
-                  path=out / "planted_truth.png", **shown)
+                  path=out / "planted_truth.png", names=names, **shown)
     models = {}
     for preset in ctx.presets_or(DEFAULT_PRESETS):
         model = load_model(trained_run(ctx, preset).run_dir)
         learned = grid_scores(model, **shown)
         _heatmaps(minmax(_softmax_grid(learned)), title=f"{preset}: learned attention (softmax over grid, min-max)",
-                  path=out / f"learned_{preset}.png", **shown)
+                  path=out / f"learned_{preset}.png", names=names, **shown)
         mean, per_target = grid_agreement(mi, learned)
         models[preset] = {"spearman_vs_mi": mean, "spearman_vs_mi_per_target": per_target,
                           "learned_scores": learned}
@@ -141,7 +144,7 @@ def run_attention(ctx: AnalysisContext, *, n_categories: int = 10, n_positions: 
     ax.legend(fontsize=8)
     save_figure(fig, out / "agreement.png")
     payload = {"targets": targets, "categories": categories, "positions": positions, "mi_bits": mi,
-               "models": models}
+               "models": models, "targets_raw": raw_ids(dataset, "category", targets), "categories_raw": raw_categories}
     if planted is not None:
         payload["planted_truth"] = planted
         payload["mi_vs_planted_spearman"] = grid_agreement(planted, mi)[0]

@@ -26,13 +26,13 @@ from darec.checkpoint import load_model_checkpoint  # noqa: E402
 from darec.data.batch import Batch  # noqa: E402
 from darec.data.loader import BatchLoader  # noqa: E402
 from darec.data.store import PreparedDataset  # noqa: E402
-from darec.errors import ConfigError  # noqa: E402
+from darec.errors import ConfigError, DataError  # noqa: E402
 from darec.io import atomic_file, write_json  # noqa: E402
 from darec.models import TwoStageModel  # noqa: E402
 from darec.train.config import TrainConfig  # noqa: E402
 
 __all__ = ["AnalysisContext", "RunHandle", "run_name", "trained_run", "load_model", "test_batches",
-           "save_figure", "write_analysis", "search_scores", "ANALYSIS_TRAIN"]
+           "save_figure", "write_analysis", "search_scores", "raw_ids", "ANALYSIS_TRAIN"]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +143,16 @@ def search_scores(model: TwoStageModel, batch: Batch) -> torch.Tensor:
     if scores is None:
         raise ConfigError(f"search {model.config.search!r} reports no per-position scores")
     return scores.float().masked_fill(~batch.mask, float("-inf"))                  # (B, L)
+
+
+def raw_ids(dataset: PreparedDataset, kind: str, ids: Any) -> list | None:
+    """The raw ids (as in the input log) of internal `ids`, for outputs a reader matches against the log;
+    None for a dataset prepared before darec saved id maps."""
+    try:
+        maps = dataset.id_maps()
+    except DataError:
+        return None
+    return maps.decode(kind, np.asarray(ids)).to_list()
 
 
 def save_figure(fig: plt.Figure, path: Path, *, tight: bool = True) -> Path:

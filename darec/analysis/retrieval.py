@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from darec.analysis.attention import DEFAULT_PRESETS
-from darec.analysis.common import (AnalysisContext, load_model, save_figure, search_scores, test_batches,
+from darec.analysis.common import (AnalysisContext, load_model, raw_ids, save_figure, search_scores, test_batches,
                                    trained_run, write_analysis)
 from darec.analysis.groundtruth import cell_keys, count_cooccurrence, target_support
 from darec.data.store import PreparedDataset
@@ -129,8 +129,8 @@ def run_retrieval(ctx: AnalysisContext, *, max_k: int = 50, min_support: int = 3
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     save_figure(fig, out / "ndcg.png")
-    cases = _cases(out, presets=presets, per_sample=per_sample, scores=scores, relevance=relevance,
-                   categories=hist_categories, targets=targets, keep=keep, n_cases=n_cases)
+    cases = _cases(out, dataset=dataset, presets=presets, per_sample=per_sample, scores=scores,
+                   relevance=relevance, categories=hist_categories, targets=targets, keep=keep, n_cases=n_cases)
     log.info("retrieval NDCG@10: %s", {p: round(float(c["ndcg"][min(10, max_k) - 1]), 3) for p, c in curves.items()})
     return write_analysis(ctx, "retrieval", {
         "k": ks, "samples": int(keep.sum()), "min_support": min_support, "curves": curves,
@@ -139,8 +139,10 @@ def run_retrieval(ctx: AnalysisContext, *, max_k: int = 50, min_support: int = 3
         "case_studies": cases})
 
 
-def _cases(out, *, presets, per_sample, scores, relevance, categories, targets, keep, n_cases) -> list[dict]:
-    """Samples where the first preset's NDCG@10 beats the best other one by the widest margin."""
+def _cases(out, *, dataset, presets, per_sample, scores, relevance, categories, targets, keep,
+           n_cases) -> list[dict]:
+    """Samples where the first preset's NDCG@10 beats the best other one by the widest margin; each is named by
+    its test-split row and, where the dataset has id maps, its user, target item and categories' raw ids."""
     at10 = {p: np.nan_to_num(v[:, min(10, v.shape[1]) - 1], nan=-1.0) for p, v in per_sample.items()}
     rivals = [at10[p] for p in presets[1:]] or [np.zeros_like(at10[presets[0]])]
     margin = np.where(keep, at10[presets[0]] - np.max(rivals, axis=0), -np.inf)
@@ -154,9 +156,16 @@ def _cases(out, *, presets, per_sample, scores, relevance, categories, targets, 
         for p, (s, top_k) in scores.items():
             top = np.argsort(-s[i], kind="stable")[:top_k]
             retrieved[p] = np.isin(np.arange(s.shape[1])[recent], top)
-        _case_study(out / f"case_{rank}.png", categories=categories[i][recent], relevance=relevance[i][recent],
-                    scores=shown, retrieved=retrieved,
-                    title=f"test sample {i}, target category {targets[i]}")
+        sample = dataset.split("test")[i]
+        user, item, target = (raw_ids(dataset, kind, [value]) for kind, value in
+                              (("user", sample["user"]), ("item", sample["item"]), ("category", targets[i])))
+        named = {"user_raw": user and user[0], "target_item_raw": item and item[0],
+                 "target_category_raw": target and target[0]}
+        hist = raw_ids(dataset, "category", categories[i][recent]) or categories[i][recent].tolist()
+        who = "" if user is None else f", user {user[0]}"
+        _case_study(out / f"case_{rank}.png", categories=["-" if c is None else c for c in hist],  # - = padding
+                    relevance=relevance[i][recent], scores=shown, retrieved=retrieved,
+                    title=f"test sample {i}{who}, target category {targets[i] if target is None else target[0]}")
         cases.append({"sample": int(i), "target_category": int(targets[i]), "figure": f"case_{rank}.png",
-                      "ndcg_at_10": {p: float(at10[p][i]) for p in presets}})
+                      "ndcg_at_10": {p: float(at10[p][i]) for p in presets}, **named})
     return cases

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from darec.errors import ConfigError
 
-__all__ = ["register"]
+__all__ = ["register", "parse_columns"]
 
 
 def _protocol_args(parser: argparse.ArgumentParser) -> None:
@@ -38,19 +38,21 @@ def _protocol(args: argparse.Namespace):
                           test_fraction=args.test_fraction)
 
 
-def _parse_columns(text: str | None) -> dict[str, str] | None:
+def parse_columns(text: str | None, *, example: str = "user=uid,item=iid,category=cid,timestamp=ts"
+                  ) -> dict[str, str] | None:
+    """`--columns NAME=COL,...` as a mapping (None when not given)."""
     if text is None:
         return None
     pairs = [part.split("=", 1) for part in text.split(",") if part]
     if any(len(pair) != 2 for pair in pairs):
-        raise ConfigError(f"--columns must look like user=uid,item=iid,category=cid,timestamp=ts; got {text!r}")
+        raise ConfigError(f"--columns must look like {example}; got {text!r}")
     return {key.strip(): value.strip() for key, value in pairs}
 
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from darec.data.pipeline import prepare
     dataset = prepare(source=args.source, input=args.input, out=args.out, config=_protocol(args), movies=args.movies,
-                      columns=_parse_columns(args.columns), skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite)
+                      columns=parse_columns(args.columns), skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite)
     print(summary(dataset.manifest, dataset.path))
     return 0
 

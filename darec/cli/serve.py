@@ -1,4 +1,8 @@
-"""`darec score`: rank candidate items for one user of a prepared dataset with a trained checkpoint."""
+"""`darec score`: rank candidate items for one user of a prepared dataset with a trained checkpoint.
+
+Users, items and categories are named by their raw ids (as in the input log) on the command line and in
+every output; the dataset's id maps (`<dataset>/ids/`) translate them.
+"""
 from __future__ import annotations
 
 import argparse
@@ -20,15 +24,19 @@ log = logging.getLogger("darec")
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("score", help="score candidate items for one user with a trained checkpoint",
                        description="Scores candidates against the user's most recent --max-len clicks with one "
-                                   "search pass over the history (darec.Scorer) and prints the best ones.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt (or checkpoint.pt) of `darec train`")
+                                   "search pass over the history (darec.Scorer) and prints the best ones. "
+                                   "Users, items and categories are raw ids, as in the input log.")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="best.pt (or checkpoint.pt) of `darec train`, or the run directory")
     p.add_argument("--data", type=Path, required=True, help="prepared dataset directory (histories, categories)")
-    p.add_argument("--user", type=non_negative_int, required=True,
-                   help="prepared user index (the `user` column of the splits)")
+    p.add_argument("--user", required=True, help="raw user id (as in the input log)")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--candidates", type=int, nargs="+", metavar="ITEM", help="candidate item ids")
+    group.add_argument("--candidates", nargs="+", metavar="ITEM", help="candidate raw item ids")
     group.add_argument("--n-candidates", type=positive_int, default=100,
-                       help="score this many random item ids instead (default 100)")
+                       help="score this many random items of the dataset instead (default 100)")
+    p.add_argument("--unknown", choices=("error", "oov"), default="error",
+                   help="a candidate the dataset does not know: error (default), or oov: score it through the "
+                        "padding row and mark it unknown. An unknown user is always an error")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random candidates")
     p.add_argument("--max-len", type=positive_int, help="history length (default: the model's max_len; may be longer)")
     p.add_argument("--top", type=positive_int, default=10, help="rows to print (default 10)")
@@ -37,57 +45,67 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=_score)
 
 
-def score_user(*, checkpoint: Path, data: Path, user: int, candidates: np.ndarray | None = None,
+def score_user(*, checkpoint: Path, data: Path, user: Any, candidates: Any = None,
                n_candidates: int = 100, seed: int = 0, max_len: int | None = None,
-               device: str = "cpu") -> dict[str, Any]:
-    """Probabilities of the candidates for `user`, best first, with what was scored."""
+               device: str = "cpu", unknown: str = "error") -> dict[str, Any]:
+    """Probabilities of the candidates (raw item ids) for `user` (raw id), best first, with what was scored.
+
+    Every id in the result is raw; under `unknown="oov"` an unknown candidate is scored through the padding
+    row, keeps the raw id it was given and has `known: false` (and category null)."""
+    from darec.data.id_maps import RawIdError
     from darec.data.store import PreparedDataset
-    from darec.serve.scorer import History, Scorer
-    from darec.train.trainer import resolve_device
+    from darec.serve.predict import load_scorer, user_histories
 
     dataset = PreparedDataset.open(data)
-    if not 0 <= user < dataset.n_users:
-        raise DataError(f"--user must be in [0, {dataset.n_users}), got {user}", path=data)
-    scorer = Scorer.load(checkpoint, device=resolve_device(device))
-    for what in ("n_items", "n_categories"):
-        trained, here = getattr(scorer.config, what), getattr(dataset, what)
-        if trained != here:
-            raise ConfigError(f"checkpoint {checkpoint} was trained with {what}={trained}, dataset {data} has "
-                              f"{here}: score with the dataset the model was trained on")
+    maps = dataset.id_maps()
+    scorer = load_scorer(checkpoint, dataset, device=device)
     length = scorer.config.max_len if max_len is None else max_len
     if length < 1:
         raise ConfigError(f"--max-len must be >= 1, got {length}")
     if candidates is None:
         if not 1 <= n_candidates < dataset.n_items:
             raise ConfigError(f"--n-candidates must be in [1, {dataset.n_items - 1}], got {n_candidates}")
-        candidates = np.random.default_rng(seed).choice(np.arange(1, dataset.n_items), n_candidates, replace=False)
-    candidates = np.asarray(candidates, dtype=np.int64)
-    bad = candidates[(candidates < 1) | (candidates >= dataset.n_items)]
-    if len(bad):
-        raise ConfigError(f"candidate ids must be in [1, {dataset.n_items - 1}], got {bad[:5].tolist()}")
-    lo, hi = int(dataset.offsets[user]), int(dataset.offsets[user + 1])
-    history = History.left_pad([np.asarray(dataset.items[lo:hi])], [np.asarray(dataset.categories[lo:hi])],
-                               length=length)
-    categories = np.asarray(dataset.item_categories)[candidates].astype(np.int64)
-    probs = scorer.score(history, torch.from_numpy(candidates), torch.from_numpy(categories))[0].cpu().numpy()
+        ids = np.random.default_rng(seed).choice(np.arange(1, dataset.n_items), n_candidates, replace=False)
+        raw_items = maps.decode("item", ids)
+    else:
+        try:
+            raw_items = maps.as_raw("item", candidates)
+            ids = maps.encode("item", raw_items, unknown=unknown)
+        except RawIdError as err:
+            raise DataError(f"--candidates: {err.reason}", value=err.value) from None
+    try:
+        raw_user = maps.as_raw("user", [user])
+        row = int(maps.encode("user", raw_user)[0])
+    except RawIdError as err:
+        raise DataError(f"--user: {err.reason}", path=data, value=err.value) from None
+    history = user_histories(dataset, np.array([row]), length)
+    categories = np.asarray(dataset.item_categories)[ids].astype(np.int64)   # oov item -> padding category 0
+    probs = scorer.score(history, torch.from_numpy(ids)[None], torch.from_numpy(categories)[None])[0].cpu().numpy()
     order = np.argsort(-probs, kind="stable")
-    return {"checkpoint": str(checkpoint), "data": str(data), "user": user,
-            "history_length": int(min(hi - lo, length)), "max_len": length,
-            "ranking": [{"item": int(candidates[i]), "category": int(categories[i]), "probability": float(probs[i])}
-                        for i in order]}
+    raw_categories = maps.decode("category", categories)
+    return {"checkpoint": str(checkpoint), "data": str(data), "user": raw_user[0],
+            "history_length": int(history.mask.sum()), "max_len": length, "unknown": unknown,
+            "ranking": [{"item": item, "category": category, "probability": float(prob), "known": bool(known)}
+                        for item, category, prob, known in zip(raw_items.gather(order).to_list(),
+                                                               raw_categories.gather(order).to_list(),
+                                                               probs[order].tolist(), ids[order] != 0)]}
 
 
 def _score(args: argparse.Namespace) -> int:
     from darec.io import write_json
 
-    result = score_user(checkpoint=args.checkpoint, data=args.data, user=args.user,
-                        candidates=None if args.candidates is None else np.array(args.candidates),
-                        n_candidates=args.n_candidates, seed=args.seed, max_len=args.max_len, device=args.device)
-    print(f"user {result['user']}: {result['history_length']} behaviours, "
-          f"{len(result['ranking'])} candidates")
+    result = score_user(checkpoint=args.checkpoint, data=args.data, user=args.user, candidates=args.candidates,
+                        n_candidates=args.n_candidates, seed=args.seed, max_len=args.max_len, device=args.device,
+                        unknown=args.unknown)
+    ranking = result["ranking"]
+    n_unknown = sum(not row["known"] for row in ranking)
+    print(f"user {result['user']}: {result['history_length']} behaviours, {len(ranking)} candidates"
+          + (f", {n_unknown} unknown (scored through the padding row, marked *)" if n_unknown else ""))
     print(f"{'rank':>4}  {'item':>8}  {'category':>8}  probability")
-    for rank, row in enumerate(result["ranking"][:args.top], start=1):
-        print(f"{rank:>4}  {row['item']:>8}  {row['category']:>8}  {row['probability']:.4f}")
+    for rank, row in enumerate(ranking[:args.top], start=1):
+        mark = "" if row["known"] else " *"
+        category = "-" if row["category"] is None else row["category"]
+        print(f"{rank:>4}  {row['item']!s:>8}  {category!s:>8}  {row['probability']:.4f}{mark}")
     if args.json is not None:
         write_json(args.json, result)
         log.info("wrote %s", args.json)

@@ -91,7 +91,8 @@ class ProtocolConfig:
 
 @dataclass(frozen=True)
 class PreparedArrays:
-    """Everything `store.write_prepared` saves, plus the raw ids behind each new id (index i-1 → id i)."""
+    """Everything `store.write_prepared` saves, with the raw ids behind each new id (items and categories:
+    index i-1 → id i; users: index u → prepared user u). A raw-id series left None means raw = internal."""
 
     offsets: np.ndarray  # (U+1,) int64
     items: np.ndarray  # (N,) int32
@@ -104,6 +105,7 @@ class PreparedArrays:
     stats: dict = field(default_factory=dict)
     item_raw_ids: pl.Series | None = None
     category_raw_ids: pl.Series | None = None
+    user_raw_ids: pl.Series | None = None  # (n_users,) raw id of each kept user, in prepared-index order
 
 
 @contextlib.contextmanager
@@ -144,7 +146,7 @@ def build_splits(events: pl.DataFrame, config: ProtocolConfig, *, source_path: o
         DataError: no user has `min_clicks` clicks, or negatives cannot be drawn for some user.
     """
     with _stage("remap ids"):
-        users, _ = _remap(events["user"])
+        users, user_raw = _remap(events["user"])
         items, item_raw = _remap(events["item"])
         cats, cat_raw = _remap(events["category"])
         stamps = events["timestamp"].to_numpy()
@@ -184,7 +186,8 @@ def build_splits(events: pl.DataFrame, config: ProtocolConfig, *, source_path: o
              "n_multi_category_items": _n_multi_category(items, cats, item_categories)}
     return PreparedArrays(offsets=offsets, items=seq_items, categories=seq_cats, timestamps=seq_stamps,
                           item_categories=item_categories, splits=splits, n_items=n_items,
-                          n_categories=n_categories, stats=stats, item_raw_ids=item_raw, category_raw_ids=cat_raw)
+                          n_categories=n_categories, stats=stats, item_raw_ids=item_raw, category_raw_ids=cat_raw,
+                          user_raw_ids=user_raw.filter(kept_user[1:]))
 
 
 def _n_multi_category(items: np.ndarray, cats: np.ndarray, item_categories: np.ndarray) -> int:

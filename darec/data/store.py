@@ -8,6 +8,7 @@ Layout of a prepared directory:
     sequences/timestamps.npy int64 (N,)
     item_categories.npy      int32 (n_items,) category of each item id (its last click's)
     train.npy / val.npy / test.npy   structured SAMPLE_DTYPE arrays (user, cut, item, category, label)
+    ids/users.parquet, ids/items.parquet, ids/categories.parquet   raw <-> internal ids (see id_maps.py)
 
 The manifest holds no wall-clock time or absolute path, so preparing the same input twice gives
 byte-identical files.
@@ -22,9 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
 
 from darec import __version__
+from darec.data.id_maps import FIRST_ID, ID_FILES, ID_KINDS, IdMaps, check_id_map_rows, write_id_maps
 from darec.data.protocol import SAMPLE_DTYPE, SPLITS, PreparedArrays
 from darec.errors import DataError
 from darec.io import atomic_dir, fault_point, recover_swap, write_json
@@ -42,6 +45,24 @@ def _arrays(prepared: PreparedArrays) -> dict[str, np.ndarray]:
     out["item_categories.npy"] = prepared.item_categories
     out.update({f"{name}.npy": prepared.splits[name] for name in SPLITS})
     return out
+
+
+def _raw_ids(prepared: PreparedArrays) -> dict[str, pl.Series]:
+    """Each kind's raw id of every internal id, in id order; a kind without raw ids maps to itself."""
+    sizes = _id_map_sizes(len(prepared.offsets) - 1, prepared.n_items, prepared.n_categories)
+    given = {"user": prepared.user_raw_ids, "item": prepared.item_raw_ids, "category": prepared.category_raw_ids}
+    out = {}
+    for kind in ID_KINDS:
+        raw = given[kind]
+        out[kind] = pl.Series(np.arange(FIRST_ID[kind], FIRST_ID[kind] + sizes[kind])) if raw is None else raw
+        if len(out[kind]) != sizes[kind]:
+            raise ValueError(f"{len(out[kind])} raw {kind} ids for {sizes[kind]} {kind}s")  # a caller's bug
+    return out
+
+
+def _id_map_sizes(n_users: int, n_items: int, n_categories: int) -> dict[str, int]:
+    """Rows of each id map: every user; items and categories without the padding id 0."""
+    return {"user": n_users, "item": n_items - 1, "category": n_categories - 1}
 
 
 def content_hash(arrays: dict[str, np.ndarray]) -> str:
@@ -80,6 +101,7 @@ def write_prepared(out: str | Path, prepared: PreparedArrays, *, manifest: dict[
         for name, array in arrays.items():
             np.save(tmp / name, array, allow_pickle=False)
             fault_point("writing")
+        write_id_maps(tmp, _raw_ids(prepared))
         full = dict(manifest)
         full.update({
             "format_version": FORMAT_VERSION, "darec_version": __version__,
@@ -245,6 +267,10 @@ class PreparedDataset:
         for name in manifest.get("files") or ():
             if not (path / name).is_file():
                 raise DataError("prepared dataset is missing a file; prepare the data again", path=path / name)
+        sizes = _id_map_sizes(n_users, manifest["n_items"], manifest["n_categories"])
+        for kind in ID_KINDS:  # datasets prepared before the maps existed still open (IdMaps.open refuses them)
+            if ID_FILES[kind] in (manifest.get("files") or ()):
+                check_id_map_rows(path, kind, sizes[kind])
         _check_consistency(path, manifest, arrays, splits)
         if verify_hash:
             stored = {f"sequences/{name}.npy": arrays[name] for name in _SEQUENCES}
@@ -254,6 +280,10 @@ class PreparedDataset:
                 raise DataError("content hash mismatch: the arrays changed since `darec prepare` wrote them; "
                                 "prepare the data again", path=path)
         return cls(path, manifest, arrays, splits)
+
+    def id_maps(self) -> IdMaps:
+        """The raw <-> internal id maps; DataError when the dataset predates them."""
+        return IdMaps.open(self.path)
 
     def split(self, name: str) -> np.ndarray:
         """The structured sample array of `name` (train, val or test), memory-mapped."""

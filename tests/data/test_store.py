@@ -23,7 +23,8 @@ def test_reprepare_is_byte_identical(tmp_path):
     assert _files(a.path) == _files(b.path)
     assert set(_files(a.path)) == {"manifest.json", "item_categories.npy", "train.npy", "val.npy", "test.npy",
                                    "sequences/offsets.npy", "sequences/items.npy", "sequences/categories.npy",
-                                   "sequences/timestamps.npy"}
+                                   "sequences/timestamps.npy", "ids/users.parquet", "ids/items.parquet",
+                                   "ids/categories.parquet"}
 
 
 def test_synthetic_reprepare_is_byte_identical(tmp_path):
