@@ -51,8 +51,10 @@ def parse_columns(text: str | None, *, example: str = "user=uid,item=iid,categor
 
 def _run_prepare(args: argparse.Namespace) -> int:
     from darec.data.pipeline import prepare
+    from darec.data.schema import load_schema
     dataset = prepare(source=args.source, input=args.input, out=args.out, config=_protocol(args), movies=args.movies,
-                      columns=parse_columns(args.columns), skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite)
+                      columns=parse_columns(args.columns), skip_bad_rows=args.skip_bad_rows, overwrite=args.overwrite,
+                      schema=load_schema(args.schema))
     print(summary(dataset.manifest, dataset.path))
     return 0
 
@@ -98,6 +100,10 @@ def summary(manifest: dict, path: Path | str) -> str:
         lines.append(f"  {name:<13} {split['samples']:,} samples ({split['positives']:,} positive)")
     lines.append(f"  skipped rows  {manifest.get('skipped_rows', 0):,} bad, "
                  f"{manifest.get('duplicate_rows', 0):,} exact duplicates dropped")
+    if manifest.get("features"):
+        lines.append("  features      " + ", ".join(
+            f"{name} ({spec['kind']}, {spec['level']}" + (f", {spec['vocabulary']:,} codes)" if "vocabulary" in spec
+                                                          else ")") for name, spec in manifest["features"].items()))
     if "planted_truth" in manifest:
         lines.append(f"  planted truth {manifest['planted_truth'].get('file')}")
     lines.append(f"  sha256        {manifest['content_sha256']}")
@@ -116,7 +122,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     prep.add_argument("--input", type=Path, default=None, help="raw file (default for movielens: the shipped copy)")
     prep.add_argument("--movies", type=Path, default=None, help="MovieLens movies.csv / u.item (default: beside input)")
     prep.add_argument("--out", type=Path, required=True)
-    prep.add_argument("--columns", default=None, help="generic: user=COL,item=COL,category=COL,timestamp=COL[,behavior=COL]")
+    prep.add_argument("--columns", default=None,
+                      help="generic: user=COL,item=COL,category=COL,timestamp=COL[,behavior=COL][,FEATURE=COL...]")
+    prep.add_argument("--schema", default=None,
+                      help="feature schema YAML (docs/features.md), or a shipped one by name: default, taobao, tmall")
     prep.add_argument("--skip-bad-rows", action="store_true", help="drop malformed rows (counted) instead of failing")
     _overwrite_arg(prep)
     _protocol_args(prep)

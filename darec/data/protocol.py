@@ -42,10 +42,13 @@ class ProtocolConfig:
     """Every number of the protocol; the defaults reproduce the paper (Taobao/Tmall setting).
 
     `behaviors=None` means the source's default (pv for Taobao, click for Tmall, all for MovieLens).
+    `target_behaviors` (multi-behaviour sequences): histories hold every kept behaviour, but only these are
+    targets, negatives and count towards `min_clicks`; None: every kept behaviour (the paper).
     `min_clicks=None` means 210 for the paper's targets and 20 for dense ones (MovieLens' own minimum).
     """
 
     behaviors: tuple[str, ...] | None = None
+    target_behaviors: tuple[str, ...] | None = None  # the kept behaviours that are targets (None: all)
     min_clicks: int | None = None
     max_len: int = 200
     n_negatives: int = 2
@@ -80,8 +83,10 @@ class ProtocolConfig:
         if self.targets == "dense" and self.min_clicks < self.min_history + 2:
             raise ConfigError(f"dense targets need min_clicks >= min_history + 2 (a validation and a test target "
                               f"per user), got min_clicks {self.min_clicks}, min_history {self.min_history}")
-        if self.behaviors is not None and (isinstance(self.behaviors, str) or not self.behaviors):
-            raise ConfigError(f"protocol.behaviors must be a non-empty tuple of names or None, got {self.behaviors!r}")
+        for name in ("behaviors", "target_behaviors"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, str) or not value):
+                raise ConfigError(f"protocol.{name} must be a non-empty tuple of names or None, got {value!r}")
 
     @property
     def train_offsets(self) -> np.ndarray:
@@ -106,6 +111,9 @@ class PreparedArrays:
     item_raw_ids: pl.Series | None = None
     category_raw_ids: pl.Series | None = None
     user_raw_ids: pl.Series | None = None  # (n_users,) raw id of each kept user, in prepared-index order
+    event_columns: dict[str, np.ndarray] = field(default_factory=dict)  # (N,) per kept event, like `items`
+    item_columns: dict[str, np.ndarray] = field(default_factory=dict)   # (n_items,) value at the item's last event
+    user_columns: dict[str, np.ndarray] = field(default_factory=dict)   # (n_users,) value at the user's last event
 
 
 @contextlib.contextmanager
@@ -136,8 +144,15 @@ def _is_sorted(users: np.ndarray, stamps: np.ndarray) -> bool:
     return bool(((du > 0) | (np.diff(stamps) >= 0)).all())
 
 
-def build_splits(events: pl.DataFrame, config: ProtocolConfig, *, source_path: object = None) -> PreparedArrays:
-    """Apply the protocol to kept events in file order (columns user, item, category, timestamp).
+def build_splits(events: pl.DataFrame, config: ProtocolConfig, *, source_path: object = None,
+                 columns: dict[str, np.ndarray] | None = None, item_level: tuple[str, ...] = (),
+                 user_level: tuple[str, ...] = ()) -> PreparedArrays:
+    """Apply the protocol to kept events in file order (columns user, item, category, timestamp, and
+    behavior when `config.target_behaviors` is set).
+
+    `columns`: more per-event arrays in file order (encoded features), returned in CSR order as
+    `event_columns`; those named in `item_level` also as a per-item table (value at the item's last event,
+    as `item_categories`), those in `user_level` as a per-user one (value at the user's latest event).
 
     Cost: one stable sort of the events (skipped when already user-grouped and time-ordered), one sort of
     the kept users' (user, item) keys, and a few vectorised passes; no per-sample Python loop.
@@ -154,29 +169,49 @@ def build_splits(events: pl.DataFrame, config: ProtocolConfig, *, source_path: o
         item_categories = np.zeros(n_items, dtype=np.int32)
         item_categories[items] = cats  # 1-D fancy assignment runs in order: the last click's category wins
     with _stage("order per user"):
+        columns = dict(columns or {})
+        item_tables = {}
+        for name in item_level:
+            item_tables[name] = np.zeros(n_items, dtype=columns[name].dtype)
+            item_tables[name][items] = columns[name]  # the last event's value wins, as for categories
+        is_target = (events["behavior"].cast(pl.String).is_in(list(config.target_behaviors)).to_numpy()
+                     if config.target_behaviors is not None else None)
         if not _is_sorted(users, stamps):
             # Stable: ties in timestamp keep file order (the reference keeps raw file order for Taobao).
             order = pl.DataFrame({"u": users, "t": stamps}).select(
                 pl.arg_sort_by(["u", "t"], maintain_order=True)).to_series().to_numpy()
             users, items, cats, stamps = users[order], items[order], cats[order], stamps[order]
-        pool = items  # every kept click of every user: a uniform draw from it is ∝ item frequency
-        counts = np.bincount(users)  # (n_users + 1,), row 0 = padding id
+            columns = {name: values[order] for name, values in columns.items()}
+            is_target = is_target[order] if is_target is not None else None
+        # every kept click (target behaviour) of every user: a uniform draw from it is ∝ item frequency
+        pool = items if is_target is None else items[is_target]
+        counts = np.bincount(users if is_target is None else users[is_target], minlength=int(users.max()) + 1)
         kept_user = counts >= config.min_clicks
         if not kept_user.any():
             raise DataError(f"no user has at least {config.min_clicks} kept clicks "
                             f"(most has {int(counts.max())})", path=source_path)
         keep_row = kept_user[users]
         seq_items, seq_cats, seq_stamps = items[keep_row], cats[keep_row], stamps[keep_row]
-        lengths = counts[kept_user].astype(np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         row_of_user = np.cumsum(kept_user) - 1
+        lengths = np.bincount(row_of_user[users[keep_row]], minlength=int(kept_user.sum())).astype(np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        event_columns = {name: values[keep_row] for name, values in columns.items()}
+        user_tables = {}
+        for name in user_level:
+            user_tables[name] = np.zeros(len(lengths), dtype=event_columns[name].dtype)
+            user_tables[name][row_of_user[users[keep_row]]] = event_columns[name]  # latest event wins
+        target_at = np.flatnonzero(is_target[keep_row]) if is_target is not None else None  # CSR index of targets
     with _stage("index (user, item) pairs"):
         keys = (row_of_user[users[keep_row]].astype(np.int64) * n_items + seq_items)
         clicked = pl.Series(keys).sort().to_numpy()  # sorted, duplicates harmless for membership
     rng = np.random.default_rng(config.seed)
     splits = {}
     with _stage("targets + negatives"):
-        for name, user_rows, cuts in _targets(lengths, config):
+        target_lengths = lengths if target_at is None else counts[kept_user].astype(np.int64)
+        target_offsets = np.concatenate([[0], np.cumsum(target_lengths)]).astype(np.int64)
+        for name, user_rows, cuts in _targets(target_lengths, config):
+            if target_at is not None:  # k-th target behaviour of the user -> its place in the full sequence
+                cuts = (target_at[target_offsets[user_rows] + cuts] - offsets[user_rows]).astype(np.int32)
             splits[name] = _make_split(user_rows, cuts, offsets=offsets, items=seq_items, cats=seq_cats,
                                        item_categories=item_categories, pool=pool, clicked=clicked,
                                        n_items=n_items, n_negatives=config.n_negatives, rng=rng,
@@ -187,7 +222,8 @@ def build_splits(events: pl.DataFrame, config: ProtocolConfig, *, source_path: o
     return PreparedArrays(offsets=offsets, items=seq_items, categories=seq_cats, timestamps=seq_stamps,
                           item_categories=item_categories, splits=splits, n_items=n_items,
                           n_categories=n_categories, stats=stats, item_raw_ids=item_raw, category_raw_ids=cat_raw,
-                          user_raw_ids=user_raw.filter(kept_user[1:]))
+                          user_raw_ids=user_raw.filter(kept_user[1:]), event_columns=event_columns,
+                          item_columns=item_tables, user_columns=user_tables)
 
 
 def _n_multi_category(items: np.ndarray, cats: np.ndarray, item_categories: np.ndarray) -> int:

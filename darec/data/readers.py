@@ -12,6 +12,7 @@ exact duplicate rows are dropped, keeping the first, and counted (`RawEvents.n_d
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -24,7 +25,8 @@ from darec.errors import DataError
 
 __all__ = [
     "RawEvents", "TAOBAO_BEHAVIORS", "TMALL_ACTIONS", "read_taobao", "read_tmall", "read_movielens",
-    "read_movielens_100k", "read_generic", "CANONICAL_COLUMNS", "drop_duplicate_rows",
+    "read_movielens_100k", "read_generic", "CANONICAL_COLUMNS", "drop_duplicate_rows", "file_columns",
+    "TMALL_EXTRA_COLUMNS",
 ]
 
 log = logging.getLogger(__name__)
@@ -33,7 +35,7 @@ CANONICAL_COLUMNS = ("user", "item", "category", "timestamp", "behavior")
 TAOBAO_BEHAVIORS = ("pv", "buy", "cart", "fav")
 TMALL_ACTIONS = ("click", "cart", "buy", "fav")  # action_type 0, 1, 2, 3
 _INT_RANGE = {"i32": (-(2**31), 2**31 - 1), "i64": (-(2**63), 2**63 - 1), "i8": (-128, 127)}
-_DTYPES = {"i32": pl.Int32, "i64": pl.Int64, "i8": pl.Int8, "str": pl.String}
+_DTYPES = {"i32": pl.Int32, "i64": pl.Int64, "i8": pl.Int8, "str": pl.String, "f64": pl.Float64}
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class _Field:
     kind: str | tuple[str, ...]
     required: bool = True
     label: str | None = None  # the file's own column name, for error messages
+    text_ok: bool = False  # an id column that may hold string ids (read as text when any value is not an integer)
 
     @property
     def shown(self) -> str:
@@ -117,6 +120,19 @@ def _first_line(path: Path) -> str:
 _Valid = tuple[str, pl.Expr] | None  # (column, expression that is False for an out-of-range value)
 
 
+def file_columns(path: str | Path, separator: str = ",") -> list[str]:
+    """Column names of a generic input (CSV header or Parquet schema), to check a schema against."""
+    path = Path(path)
+    if path.suffix.lower() in {".parquet", ".pq"}:
+        _check_file(path, text=False)
+        try:
+            return list(pl.read_parquet_schema(path))
+        except (pl.exceptions.PolarsError, OSError) as err:
+            raise DataError(f"cannot read the Parquet schema: {str(err).splitlines()[0]}", path=path) from None
+    _check_file(path)
+    return _first_line(path).split(separator)
+
+
 def _check_header(path: Path, expected: Sequence[str], separator: str = ",") -> None:
     _check_file(path)
     first = _first_line(path)
@@ -133,9 +149,36 @@ def _bad_expr(fields: Sequence[_Field], valid: _Valid) -> pl.Expr:
     return bad if valid is None else bad | ~valid[1].fill_null(True)
 
 
+def _id_fields(fields: Sequence[_Field], string_ids: bool | None, textual: set[str] = frozenset()) -> list[_Field]:
+    """`fields` with the id columns that hold strings read as text: every id column with `string_ids=True`,
+    none with False, the `textual` ones (found by `_textual_ids`) with None."""
+    as_text = {f.name for f in fields if f.text_ok} if string_ids else set(textual)
+    return [dataclasses.replace(f, kind="str", text_ok=False) if f.name in as_text
+            else dataclasses.replace(f, text_ok=f.text_ok and string_ids is None) for f in fields]
+
+
+def _textual_ids(path: Path, fields: Sequence[_Field], *, header: bool, separator: str) -> set[str]:
+    """Names of the id columns (`text_ok`) holding a value that is not an integer: one extra scan of the
+    file as text, run only when the integer scan failed."""
+    candidates = [f.name for f in fields if f.text_ok]
+    if not candidates:
+        return set()
+    try:
+        flags = (pl.scan_csv(path, has_header=False, skip_lines=int(header), separator=separator, quote_char=None,
+                             schema={f.name: pl.String for f in fields}, truncate_ragged_lines=True)
+                 .select([(pl.col(n).is_not_null() & pl.col(n).str.strip_chars().str.to_integer(strict=False)
+                           .is_null()).any().alias(n) for n in candidates]).collect())
+    except (pl.exceptions.PolarsError, OSError):
+        return set()  # unparseable even as text: the diagnostic pass names the line
+    return {n for n in candidates if flags[n][0]}
+
+
 def _read_delimited(path: Path, *, fields: Sequence[_Field], header: bool, separator: str,
                     keep: pl.Expr | None, valid: _Valid, skip_bad_rows: bool) -> tuple[pl.DataFrame, int]:
-    """Fast strict scan; falls back to `_diagnose` when anything looks wrong."""
+    """Fast strict scan; falls back to `_diagnose` when anything looks wrong.
+
+    Id columns marked `text_ok` are scanned as integers first; if that fails and some of them hold a
+    value that is not an integer, those columns are string ids and the file is scanned again so."""
     _check_file(path)
     names = [f.name for f in fields]
     bad = _bad_expr(fields, valid)
@@ -153,6 +196,11 @@ def _read_delimited(path: Path, *, fields: Sequence[_Field], header: bool, separ
         n_bad = -1
     if n_bad == 0:
         return frame, 0
+    textual = _textual_ids(path, fields, header=header, separator=separator) if n_bad == -1 else set()
+    if textual:
+        log.info("string ids in column(s) %s of %s", sorted(textual), path)
+        return _read_delimited(path, fields=_id_fields(fields, None, textual), header=header, separator=separator,
+                               keep=keep, valid=valid, skip_bad_rows=skip_bad_rows)
     frame, n_skipped = _diagnose(path, fields=fields, header=header, separator=separator, valid=valid, keep=keep,
                                  skip_bad_rows=skip_bad_rows)
     return (frame if keep is None else frame.filter(keep)), n_skipped
@@ -184,6 +232,10 @@ def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: 
         elif f.kind == "str":
             parsed = pl.when(raw != "").then(raw)
             why = "empty value"
+        elif f.kind == "f64":
+            as_float = raw.str.strip_chars().cast(pl.Float64, strict=False)
+            parsed = pl.when((raw == "") | as_float.is_not_nan()).then(as_float)
+            why = "not a number"
         else:
             low, high = _INT_RANGE[f.kind]
             as_int = raw.str.strip_chars().str.to_integer(strict=False)
@@ -192,6 +244,8 @@ def _diagnose(path: Path, *, fields: Sequence[_Field], header: bool, separator: 
         exprs.append(parsed.cast(f.dtype).alias(f.name))
         if f.required:
             problems.append((pl.col(f.name).is_null(), why, f.shown, raw))
+        else:  # an optional column may be blank, not malformed
+            problems.append((pl.col(f.name).is_null() & (raw.str.strip_chars() != ""), why, f.shown, raw))
         if f.required and f.kind in _INT_RANGE:
             problems.append((pl.col(f.name) < 0, "negative value (ids and timestamps must be >= 0)", f.shown, raw))
     if valid is not None:
@@ -228,10 +282,13 @@ def _short(text: str | None, limit: int = 80) -> str | None:
     return text if text is None or len(text) <= limit else text[:limit] + "…"
 
 
-def _finish(frame: pl.DataFrame, *, source: str, paths: Sequence[Path], n_skipped: int) -> RawEvents:
+def _finish(frame: pl.DataFrame, *, source: str, paths: Sequence[Path], n_skipped: int,
+            extra: Sequence[str] = ()) -> RawEvents:
+    """The canonical columns, then the `extra` (feature) columns asked for, exact duplicates dropped."""
     if frame.height == 0:
         raise DataError("no rows left after the behaviour filter", path=paths[0])
-    frame = frame.select(*(pl.col(c) for c in CANONICAL_COLUMNS)).with_columns(pl.col("timestamp").cast(pl.Int64))
+    frame = frame.select(*(pl.col(c) for c in (*CANONICAL_COLUMNS, *extra))).with_columns(
+        pl.col("timestamp").cast(pl.Int64))
     frame, n_duplicates = drop_duplicate_rows(frame)
     if n_duplicates:
         log.warning("dropped %d exact duplicate rows of %s (the first of each is kept)", n_duplicates, paths[0])
@@ -258,15 +315,22 @@ def drop_duplicate_rows(frame: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     return frame.filter(keep), int(frame.height - keep.sum())
 
 
-def read_taobao(path: str | Path, *, behaviors: Sequence[str] = ("pv",), skip_bad_rows: bool = False) -> RawEvents:
-    """Taobao UserBehavior.csv: no header; user,item,category,behavior,timestamp."""
+_STRING_IDS_DOC = """`string_ids`: False (default for the published layouts, whose ids are integers) refuses a
+    non-integer id; True reads user, item and category ids as strings; None detects, per column."""
+
+
+def read_taobao(path: str | Path, *, behaviors: Sequence[str] = ("pv",), skip_bad_rows: bool = False,
+                string_ids: bool | None = False) -> RawEvents:
+    """Taobao UserBehavior.csv: no header; user,item,category,behavior,timestamp. See `_STRING_IDS_DOC`."""
     path = Path(path)
     unknown = set(behaviors) - set(TAOBAO_BEHAVIORS)
     if unknown:
         raise DataError(f"unknown Taobao behaviour(s) {sorted(unknown)}; expected {TAOBAO_BEHAVIORS}")
-    fields = [_Field("user", "i32", label="user_id"), _Field("item", "i32", label="item_id"),
-              _Field("category", "i32", label="category_id"), _Field("behavior", TAOBAO_BEHAVIORS, label="behavior_type"),
-              _Field("timestamp", "i64")]
+    fields = _id_fields([_Field("user", "i32", label="user_id", text_ok=True),
+                         _Field("item", "i32", label="item_id", text_ok=True),
+                         _Field("category", "i32", label="category_id", text_ok=True),
+                         _Field("behavior", TAOBAO_BEHAVIORS, label="behavior_type"), _Field("timestamp", "i64")],
+                        string_ids)
     frame, skipped = _read_delimited(path, fields=fields, header=False, separator=",", valid=None,
                                      keep=pl.col("behavior").is_in(list(behaviors)), skip_bad_rows=skip_bad_rows)
     return _finish(frame, source="taobao", paths=[path], n_skipped=skipped)
@@ -275,25 +339,35 @@ def read_taobao(path: str | Path, *, behaviors: Sequence[str] = ("pv",), skip_ba
 _TMALL_HEADER = ("user_id", "item_id", "cat_id", "seller_id", "brand_id", "time_stamp", "action_type")
 
 
-def read_tmall(path: str | Path, *, behaviors: Sequence[str] = ("click",), skip_bad_rows: bool = False) -> RawEvents:
+TMALL_EXTRA_COLUMNS = ("seller", "brand")
+
+
+def read_tmall(path: str | Path, *, behaviors: Sequence[str] = ("click",), skip_bad_rows: bool = False,
+               string_ids: bool | None = False, extra: Sequence[str] = ()) -> RawEvents:
     """Tmall user_log_format1.csv: header, time_stamp is mmdd (day resolution), action_type 0..3.
 
     `behaviors` takes names (click, cart, buy, fav) or the raw codes 0..3. Unlike the reference we keep
     mmdd values of any width (`829` = 29 Aug); the reference drops those that are not 4 characters.
+    `extra` keeps seller and/or brand (brand may be empty: null). See `_STRING_IDS_DOC` for `string_ids`.
     """
     path = Path(path)
     codes = sorted({TMALL_ACTIONS.index(b) if b in TMALL_ACTIONS else _tmall_code(b) for b in behaviors})
     _check_header(path, _TMALL_HEADER)
     names = ("user", "item", "category", "seller", "brand", "timestamp", "action")
     kinds = ("i32", "i32", "i32", "i32", "i32", "i64", "i8")
-    fields = [_Field(n, k, required=n not in {"seller", "brand"}, label=label)
-              for n, k, label in zip(names, kinds, _TMALL_HEADER)]
+    fields = _id_fields([_Field(n, k, required=n not in {"seller", "brand"}, label=label,
+                                text_ok=n in {"user", "item", "category", "seller", "brand"})
+                         for n, k, label in zip(names, kinds, _TMALL_HEADER)], string_ids)
     frame, skipped = _read_delimited(path, fields=fields, header=True, separator=",",
                                      valid=("action", pl.col("action").is_between(0, 3)), keep=pl.col("action").is_in(codes),
                                      skip_bad_rows=skip_bad_rows)
     frame = frame.with_columns(behavior=pl.col("action").cast(pl.UInt8)
                                .replace_strict(list(range(4)), list(TMALL_ACTIONS), return_dtype=pl.Enum(TMALL_ACTIONS)))
-    return _finish(frame, source="tmall", paths=[path], n_skipped=skipped)
+    unknown = sorted(set(extra) - set(TMALL_EXTRA_COLUMNS))
+    if unknown:
+        raise DataError(f"the Tmall layout has no column {unknown[0]!r} (it has {', '.join(TMALL_EXTRA_COLUMNS)} "
+                        "beyond user, item, category, timestamp, behavior)", path=path, column=unknown[0])
+    return _finish(frame, source="tmall", paths=[path], n_skipped=skipped, extra=extra)
 
 
 def _tmall_code(value: str) -> int:
@@ -359,24 +433,31 @@ def _join_categories(frame: pl.DataFrame, genres: pl.DataFrame, *, movies: Path,
 
 
 def read_generic(path: str | Path, *, columns: Mapping[str, str], behaviors: Sequence[str] | None = None,
-                 skip_bad_rows: bool = False, separator: str = ",") -> RawEvents:
-    """A CSV (with header) or Parquet file; `columns` maps canonical names to the file's column names.
+                 skip_bad_rows: bool = False, separator: str = ",", string_ids: bool | None = None,
+                 numeric: Sequence[str] = ()) -> RawEvents:
+    """A CSV (with header) or Parquet file; `columns` maps names to the file's column names.
 
-    Ids and timestamps must be integers >= 0 (a Parquet float column is accepted only where every value
-    is integral). `behaviors` filters on the mapped behaviour column (all rows are kept when it is None
-    or the file has no behaviour column).
+    user, item, category and timestamp are required, behavior optional; any other name is a feature
+    column, kept under that name (ids, or numbers for the names in `numeric`; blank cells are null).
+    Ids are integers >= 0 or, where a column holds any non-integer value, strings (`string_ids=None`
+    detects per column; True reads every id column as text, False refuses non-integers). Timestamps are
+    integers >= 0 (a Parquet float column is accepted only where every value is integral). `behaviors`
+    filters on the mapped behaviour column (all rows are kept when it is None or there is none).
     """
     path = Path(path)
     missing = {"user", "item", "category", "timestamp"} - set(columns)
-    if missing or set(columns) - set(CANONICAL_COLUMNS):
-        raise DataError(f"column mapping needs user, item, category, timestamp (+ optional behavior); got {dict(columns)}")
+    if missing:
+        raise DataError(f"column mapping needs user, item, category, timestamp (+ optional behavior and feature "
+                        f"columns); got {dict(columns)}")
     if len(set(columns.values())) != len(columns):
         raise DataError(f"column mapping uses one file column for two fields: {dict(columns)}")
+    extra = [name for name in columns if name not in CANONICAL_COLUMNS]
     parquet = path.suffix.lower() in {".parquet", ".pq"}
     _check_file(path, text=not parquet)
     keep = pl.col("behavior").cast(pl.String).is_in(list(behaviors)) if behaviors and "behavior" in columns else None
     if parquet:
-        frame, skipped = _read_parquet(path, columns=columns, keep=keep, skip_bad_rows=skip_bad_rows)
+        frame, skipped = _read_parquet(path, columns=columns, keep=keep, skip_bad_rows=skip_bad_rows,
+                                       string_ids=string_ids, numeric=numeric)
     else:
         header = _first_line(path).split(separator)
         repeated = sorted({h for h in header if header.count(h) > 1})
@@ -386,37 +467,61 @@ def read_generic(path: str | Path, *, columns: Mapping[str, str], behaviors: Seq
         if absent:
             raise DataError(f"column(s) {absent} not in the header {_short(str(header))}", path=path, line=1)
         rename = {v: k for k, v in columns.items()}
-        kinds = {"user": "i64", "item": "i64", "category": "i64", "timestamp": "i64", "behavior": "str"}
-        fields = [_Field(rename.get(h, f"_extra{i}"), kinds.get(rename.get(h, ""), "str"), required=h in rename,
-                         label=h) for i, h in enumerate(header)]
-        frame, skipped = _read_delimited(path, fields=fields, header=True, separator=separator, valid=None,
-                                         keep=keep, skip_bad_rows=skip_bad_rows)
+        fields = [_generic_field(rename.get(h, f"_extra{i}"), h, numeric=numeric) for i, h in enumerate(header)]
+        frame, skipped = _read_delimited(path, fields=_id_fields(fields, string_ids), header=True,
+                                         separator=separator, valid=None, keep=keep, skip_bad_rows=skip_bad_rows)
     if "behavior" not in frame.columns:
         frame = frame.with_columns(behavior=pl.lit("click"))
-    return _finish(frame, source="generic", paths=[path], n_skipped=skipped)
+    return _finish(frame, source="generic", paths=[path], n_skipped=skipped, extra=extra)
+
+
+def _generic_field(name: str, label: str, *, numeric: Sequence[str]) -> _Field:
+    """How the generic reader parses one header column mapped to `name` (`_extraN`: not mapped, text)."""
+    if name in {"user", "item", "category"}:
+        return _Field(name, "i64", label=label, text_ok=True)
+    if name == "timestamp":
+        return _Field(name, "i64", label=label)
+    if name == "behavior" or name.startswith("_extra"):
+        return _Field(name, "str", label=label, required=name == "behavior")
+    if name in numeric:
+        return _Field(name, "f64", label=label, required=False)
+    return _Field(name, "i64", label=label, required=False, text_ok=True)
 
 
 _ID_COLUMNS = ("user", "item", "category", "timestamp")
 
 
-def _read_parquet(path: Path, *, columns: Mapping[str, str], keep: pl.Expr | None,
-                  skip_bad_rows: bool) -> tuple[pl.DataFrame, int]:
-    """Mapped columns of a Parquet file; ids and timestamps become Int64 only when exactly integral and >= 0."""
+def _read_parquet(path: Path, *, columns: Mapping[str, str], keep: pl.Expr | None, skip_bad_rows: bool,
+                  string_ids: bool | None = None, numeric: Sequence[str] = ()) -> tuple[pl.DataFrame, int]:
+    """Mapped columns of a Parquet file; integer ids and timestamps become Int64 only when exactly integral
+    and >= 0; an id column holding a non-integer string is read as string ids (see `read_generic`)."""
     try:
         frame = pl.scan_parquet(path).select(**{k: pl.col(v) for k, v in columns.items()}).collect()
     except (pl.exceptions.PolarsError, OSError) as err:
         raise DataError(f"cannot read Parquet columns {dict(columns)}: {str(err).splitlines()[0]}", path=path) from None
-    for name in _ID_COLUMNS:
+    features = [name for name in columns if name not in CANONICAL_COLUMNS]
+    ids = [name for name in ("user", "item", "category", *features) if name not in numeric]
+    textual = {name for name in ids if frame.schema[name] == pl.String and string_ids is not False
+               and (string_ids or frame.select((pl.col(name).is_not_null() & pl.col(name).str.strip_chars()
+                                               .str.to_integer(strict=False).is_null()).any()).item())}
+    integral_columns = [name for name in (*ids, "timestamp") if name not in textual]
+    for name in integral_columns:
         dtype = frame.schema[name]
         if not (dtype.is_numeric() or dtype == pl.String):
-            raise DataError(f"column holds {dtype}; ids and timestamps must be integers", path=path,
+            raise DataError(f"column holds {dtype}; ids and timestamps must be integers or strings", path=path,
                             column=columns[name])
-    as_int = {name: pl.col(name).cast(pl.Int64, strict=False) for name in _ID_COLUMNS}
-    problems = [(name, pl.col(name).is_null(), "missing value") for name in columns]  # (column, is bad, why)
-    for name in _ID_COLUMNS:
+    as_int = {name: pl.col(name).cast(pl.Int64, strict=False) for name in integral_columns}
+    required = [name for name in columns if name not in features]
+    problems = [(name, pl.col(name).is_null(), "missing value") for name in required]  # (column, is bad, why)
+    for name in integral_columns:
+        present = pl.col(name).is_not_null()
         integral = pl.col(name).cast(pl.Float64, strict=False) == as_int[name].cast(pl.Float64)
-        problems += [(name, as_int[name].is_null() | ~integral.fill_null(False), "not an integer"),
+        problems += [(name, present & (as_int[name].is_null() | ~integral.fill_null(False)), "not an integer"),
                      (name, as_int[name] < 0, "negative value (ids and timestamps must be >= 0)")]
+    for name in numeric:
+        as_float = pl.col(name).cast(pl.Float64, strict=False)
+        problems.append((name, pl.col(name).is_not_null() & (as_float.is_null() | as_float.is_nan()), "not a number"))
+        as_int[name] = as_float
     flags = frame.select(*(cond.fill_null(False).alias(f"_p{i}") for i, (_, cond, _) in enumerate(problems)))
     bad = flags.select(pl.any_horizontal(pl.all())).to_series()
     n_bad = int(bad.sum())
@@ -425,5 +530,5 @@ def _read_parquet(path: Path, *, columns: Mapping[str, str], keep: pl.Expr | Non
         name, _, why = next(problem for i, problem in enumerate(problems) if flags[f"_p{i}"][row])
         raise DataError(f"bad row {row + 1}: {why}", path=path, column=columns[name],
                         value=_short(str(frame[name][row])))
-    frame = frame.filter(~bad).with_columns(**as_int)
+    frame = frame.filter(~bad).with_columns(**as_int, **{name: pl.col(name).cast(pl.String) for name in textual})
     return (frame if keep is None else frame.filter(keep)), n_bad

@@ -9,6 +9,8 @@ Layout of a prepared directory:
     item_categories.npy      int32 (n_items,) category of each item id (its last click's)
     train.npy / val.npy / test.npy   structured SAMPLE_DTYPE arrays (user, cut, item, category, label)
     ids/users.parquet, ids/items.parquet, ids/categories.parquet   raw <-> internal ids (see id_maps.py)
+    features/{events,items,users}/NAME.npy, ids/features/NAME.parquet   schema features (see schema.py), only
+                             when the schema asks for more than item and category
 
 The manifest holds no wall-clock time or absolute path, so preparing the same input twice gives
 byte-identical files.
@@ -32,18 +34,27 @@ from darec.data.protocol import SAMPLE_DTYPE, SPLITS, PreparedArrays
 from darec.errors import DataError
 from darec.io import atomic_dir, fault_point, recover_swap, write_json
 
-__all__ = ["FORMAT_VERSION", "PreparedDataset", "write_prepared", "content_hash", "is_prepared_dir"]
+__all__ = ["FORMAT_VERSION", "PreparedDataset", "write_prepared", "content_hash", "is_prepared_dir", "FEATURE_DIRS",
+           "FEATURE_IDS_DIR"]
 
 FORMAT_VERSION = 1
 _SEQUENCES = ("offsets", "items", "categories", "timestamps")
 _MANIFEST = "manifest.json"
 
 
+# Feature arrays (only with a schema beyond the default): per kept event, per item id, per prepared user.
+FEATURE_DIRS = {"event": "features/events", "item": "features/items", "user": "features/users"}
+FEATURE_IDS_DIR = "ids/features"
+
+
 def _arrays(prepared: PreparedArrays) -> dict[str, np.ndarray]:
-    """Relative path → array, in the fixed order the content hash uses."""
+    """Relative path → array, in the fixed order the content hash uses (feature arrays last, by name)."""
     out = {f"sequences/{name}.npy": getattr(prepared, name) for name in _SEQUENCES}
     out["item_categories.npy"] = prepared.item_categories
     out.update({f"{name}.npy": prepared.splits[name] for name in SPLITS})
+    for level, columns in (("event", prepared.event_columns), ("item", prepared.item_columns),
+                           ("user", prepared.user_columns)):
+        out.update({f"{FEATURE_DIRS[level]}/{name}.npy": columns[name] for name in sorted(columns)})
     return out
 
 
@@ -86,22 +97,29 @@ def _relative_files(root: Path) -> set[str]:
 
 def write_prepared(out: str | Path, prepared: PreparedArrays, *, manifest: dict[str, Any],
                    extra: Callable[[Path, PreparedArrays], dict[str, Any] | None] | None = None,
-                   overwrite: bool = False, protect: Sequence[str | Path] = ()) -> Path:
+                   overwrite: bool = False, protect: Sequence[str | Path] = (),
+                   feature_maps: dict[str, pl.Series] | None = None) -> Path:
     """Write everything into a temporary sibling of `out` and swap it into place only on success.
 
     An existing `out` is replaced only when it is a dataset darec wrote (`is_prepared_dir`) or `overwrite`
     is set; never when it is a file or holds one of `protect` (the inputs); see `darec.io.atomic_dir`.
     `manifest` carries the caller's fields (source, protocol, skipped rows); sizes, counts, the file list
     and the hash are added here. `extra(tmp_dir, prepared)` may write more files (e.g. the planted truth)
-    and return manifest fields to merge.
+    and return manifest fields to merge. `feature_maps[name]` (raw value of code 1, 2, …) is saved as
+    ids/features/NAME.parquet (columns raw, id), like the id maps.
     """
     arrays = _arrays(prepared)
     with atomic_dir(out, replaceable=is_prepared_dir, overwrite=overwrite, protect=protect) as tmp:
-        (tmp / "sequences").mkdir()
         for name, array in arrays.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
             np.save(tmp / name, array, allow_pickle=False)
             fault_point("writing")
         write_id_maps(tmp, _raw_ids(prepared))
+        if feature_maps:
+            (tmp / FEATURE_IDS_DIR).mkdir(parents=True)
+        for name, raw in (feature_maps or {}).items():
+            pl.DataFrame({"raw": raw, "id": np.arange(1, len(raw) + 1, dtype=np.int64)}).write_parquet(
+                tmp / FEATURE_IDS_DIR / f"{name}.parquet", statistics=False)
         full = dict(manifest)
         full.update({
             "format_version": FORMAT_VERSION, "darec_version": __version__,
@@ -249,6 +267,13 @@ class PreparedDataset:
         self.timestamps = arrays["timestamps"]
         self.item_categories = arrays["item_categories"]
         self._splits = splits
+        self.feature_specs: dict[str, dict[str, Any]] = manifest.get("features") or {}
+        self.event_features = {n: arrays[f"{FEATURE_DIRS['event']}/{n}.npy"] for n in self.feature_specs
+                               if self.feature_specs[n]["level"] == "behavior"}
+        self.item_features = {n: arrays[f"{FEATURE_DIRS['item']}/{n}.npy"] for n, spec in self.feature_specs.items()
+                              if spec.get("target")}
+        self.user_features = {n: arrays[f"{FEATURE_DIRS['user']}/{n}.npy"] for n, spec in self.feature_specs.items()
+                              if spec["level"] == "user"}
 
     @classmethod
     def open(cls, path: str | Path, *, verify_hash: bool = False) -> "PreparedDataset":
@@ -262,6 +287,12 @@ class PreparedDataset:
         arrays = {name: _load(path / "sequences" / f"{name}.npy", np.dtype(dtypes[name]), lengths[name])
                   for name in _SEQUENCES}
         arrays["item_categories"] = _load(path / "item_categories.npy", np.dtype(np.int32), manifest["n_items"])
+        feature_files = _feature_files(manifest)
+        for name, (dtype, length, vocabulary) in feature_files.items():
+            arrays[name] = _load(path / name, dtype, length)
+            if vocabulary is not None:
+                _check_range(arrays[name], 0, vocabulary, file=path / name,
+                             what=f"feature codes must be in [0, vocabulary = {vocabulary})")
         splits = {name: _load(path / f"{name}.npy", SAMPLE_DTYPE, manifest["splits"][name]["samples"])
                   for name in SPLITS}
         for name in manifest.get("files") or ():
@@ -276,6 +307,7 @@ class PreparedDataset:
             stored = {f"sequences/{name}.npy": arrays[name] for name in _SEQUENCES}
             stored["item_categories.npy"] = arrays["item_categories"]
             stored.update({f"{name}.npy": splits[name] for name in SPLITS})
+            stored.update({name: arrays[name] for name in sorted(feature_files, key=_hash_order)})
             if content_hash(stored) != manifest["content_sha256"]:
                 raise DataError("content hash mismatch: the arrays changed since `darec prepare` wrote them; "
                                 "prepare the data again", path=path)
@@ -311,6 +343,33 @@ class PreparedDataset:
 
     def __repr__(self) -> str:
         return f"PreparedDataset({str(self.path)!r}, users={self.n_users}, items={self.n_items})"
+
+
+def _feature_files(manifest: dict[str, Any]) -> dict[str, tuple[np.dtype, int, int | None]]:
+    """Feature array files the manifest's `features` imply: path -> (dtype, length, code bound or None)."""
+    out: dict[str, tuple[np.dtype, int, int | None]] = {}
+    features = manifest.get("features") or {}
+    if not isinstance(features, dict):
+        raise DataError("invalid manifest field 'features': must be an object; prepare the data again")
+    for name, spec in features.items():
+        try:
+            kind, level, vocabulary = spec["kind"], spec["level"], spec.get("vocabulary")
+        except (TypeError, KeyError):
+            raise DataError(f"invalid manifest field 'features.{name}'; prepare the data again") from None
+        dtype = np.dtype(np.float32 if kind == "numeric" else np.int32)
+        if level == "user":
+            out[f"{FEATURE_DIRS['user']}/{name}.npy"] = (dtype, manifest["n_users"], vocabulary)
+            continue
+        out[f"{FEATURE_DIRS['event']}/{name}.npy"] = (dtype, manifest["n_events"], vocabulary)
+        if spec.get("target"):
+            out[f"{FEATURE_DIRS['item']}/{name}.npy"] = (dtype, manifest["n_items"], vocabulary)
+    return out
+
+
+def _hash_order(name: str) -> tuple[int, str]:
+    """Feature files in the order `_arrays` hashes them: events, items, users; by name within each."""
+    level = next(i for i, folder in enumerate(FEATURE_DIRS.values()) if name.startswith(folder + "/"))
+    return level, name
 
 
 def _check_consistency(path: Path, manifest: dict[str, Any], arrays: dict[str, np.ndarray],
