@@ -99,7 +99,7 @@ def nearest_codes_key(scores: torch.Tensor, positions: torch.Tensor, mask: torch
     One float key: score * (P + 1) - position, with P the largest position, so a score step of 1
     always outweighs any recency difference (exact in float32 up to 2^24 / (P + 1) bits). Broadcasts,
     so training (B, L) and serving (U, C, N) share one rule."""
-    span = float(positions.max().item()) + 1.0
+    span = positions.max().to(torch.float32) + 1.0  # a tensor, not .item(): no host sync, and torch.export traces it
     key = scores.detach().to(torch.float32) * span - positions.to(torch.float32)
     return key.masked_fill(~mask, torch.finfo(torch.float32).min)
 
@@ -128,13 +128,18 @@ def bucket_sums(buckets: torch.Tensor, values: torch.Tensor, mask: torch.Tensor,
     b, length, m = buckets.shape
     slots = buckets + n_buckets * torch.arange(m, device=buckets.device)                  # (B, L, m)
     masked = values * mask.unsqueeze(-1)                                                  # (B, L, E)
+    if torch.compiler.is_exporting():  # a traced program cannot loop over a symbolic B: its caller chunks rows
+        return _onehot_sums(slots, masked, m * n_buckets).unflatten(1, (m, n_buckets))
     rows = max(1, max_onehot // max(1, length * m * n_buckets))
-    parts = []
-    for lo in range(0, b, rows):  # a few chunks of rows, each one batched matmul
-        chunk = slots[lo:lo + rows]
-        onehot = values.new_zeros(*chunk.shape[:2], m * n_buckets).scatter_(2, chunk, 1.0)  # (b, L, m nb)
-        parts.append(onehot.transpose(1, 2) @ masked[lo:lo + rows])                      # (b, m nb, E)
+    parts = [_onehot_sums(slots[lo:lo + rows], masked[lo:lo + rows], m * n_buckets)
+             for lo in range(0, b, rows)]  # a few chunks of rows, each one batched matmul
     return torch.cat(parts).unflatten(1, (m, n_buckets))                                  # (B, m, nb, E)
+
+
+def _onehot_sums(slots: torch.Tensor, masked: torch.Tensor, cells: int) -> torch.Tensor:
+    """slots (b, L, m), masked values (b, L, E) -> per-cell sums (b, cells, E), one batched matmul."""
+    onehot = masked.new_zeros(*slots.shape[:2], cells).scatter_(2, slots, 1.0)              # (b, L, cells)
+    return onehot.transpose(1, 2) @ masked                                                # (b, cells, E)
 
 
 class SDIMSearch(nn.Module):

@@ -15,17 +15,15 @@ Notation: U users, C candidates per user, N history length, K kept behaviours, D
 """
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from darec.checkpoint import load_model_checkpoint
-from darec.errors import ConfigError, DataError
+from darec.errors import ConfigError
 from darec.models.embedding import RoleEmbeddings
 from darec.models.head import head_features
 from darec.models.hashing import nearest_codes_key, sign_vectors
@@ -33,60 +31,9 @@ from darec.models.search import masked_softmax, recent_same_category_key
 from darec.models.two_stage import TwoStageModel
 from darec.registry import registrar
 from darec.serve.fused_search import search_topk
+from darec.serve.history import DEFAULT_MAX_SCORES, History, resolve_candidates, user_chunks
 
-__all__ = ["Scorer", "History", "SearchResult", "SERVE_SEARCHES", "register_serve_search"]
-
-log = logging.getLogger(__name__)
-
-# Users per chunk are chosen so the plain path's (U, C, N) score matrix stays below this many floats.
-DEFAULT_MAX_SCORES = 1 << 26
-
-
-@dataclass(frozen=True)
-class History:
-    """Behaviour histories, oldest first and left-padded like `Batch`.
-
-    items, categories: (U, N) int64; mask: (U, N) bool, True at real behaviours (default: item != 0);
-    positions: (U, N) or (N,) int64 target-relative positions (default N..1, 1 = most recent).
-    """
-
-    items: torch.Tensor
-    categories: torch.Tensor
-    mask: torch.Tensor | None = None
-    positions: torch.Tensor | None = None
-
-    @classmethod
-    def left_pad(cls, items: Sequence[np.ndarray], categories: Sequence[np.ndarray], *,
-                 length: int | None = None) -> "History":
-        """Ragged per-user sequences (oldest first) -> (U, N) left-padded; longer ones keep their last N."""
-        if len(items) != len(categories) or not items:
-            raise DataError(f"need one category sequence per item sequence, got {len(items)} and {len(categories)}")
-        n = length or max(len(seq) for seq in items)
-        out_items = np.zeros((len(items), n), dtype=np.int64)
-        out_cats = np.zeros((len(items), n), dtype=np.int64)
-        for row, (its, cts) in enumerate(zip(items, categories, strict=True)):  # per user, not per behaviour
-            its, cts = np.asarray(its)[-n:], np.asarray(cts)[-n:]
-            if len(its) != len(cts):
-                raise DataError(f"user {row}: {len(its)} items but {len(cts)} categories")
-            if len(its):
-                out_items[row, n - len(its):], out_cats[row, n - len(cts):] = its, cts
-        items_t = torch.from_numpy(out_items)
-        return cls(items=items_t, categories=torch.from_numpy(out_cats), mask=items_t != 0)
-
-    def resolved(self, device: torch.device) -> "History":
-        """2-D tensors on `device` with mask and positions filled in."""
-        items, cats = self.items, self.categories
-        if items.dim() == 1:
-            items, cats = items.unsqueeze(0), cats.unsqueeze(0)
-        if items.dim() != 2 or items.shape != cats.shape:
-            raise DataError(f"history items/categories must be (U, N) of one shape, got "
-                            f"{tuple(items.shape)} and {tuple(cats.shape)}")
-        n = items.shape[1]
-        mask = items != 0 if self.mask is None else self.mask.reshape(items.shape)
-        positions = (torch.arange(n, 0, -1) if self.positions is None else self.positions)
-        positions = positions.reshape(-1, n).expand(items.shape[0], n)                # (U, N)
-        return History(items=items.to(device).long(), categories=cats.to(device).long(),
-                       mask=mask.to(device).bool(), positions=positions.to(device).long())
+__all__ = ["Scorer", "ScorerModule", "History", "SearchResult", "SERVE_SEARCHES", "register_serve_search"]
 
 
 @dataclass(frozen=True)
@@ -180,15 +127,16 @@ def _logits_at(inputs: _SearchInputs, index: torch.Tensor) -> SearchResult:
     return SearchResult(logits=logits, index=index)
 
 
-class Scorer:
-    """Click probabilities of C candidates for each of U users, sharing one history pass per user.
+class ScorerModule(torch.nn.Module):
+    """The serving computation on plain tensors: (U, N) histories and (U, C) candidates -> logits (U, C).
 
-    Equals the training model's eval-mode forward on the (history, candidate) pairs; supports the
-    searches in `SERVE_SEARCHES` (soft top-K, hard search, ETA, SDIM) with the dot-product score.
+    One module, so that `Scorer` (input checks and user chunks around it) and `torch.export`
+    (darec.serve.export) run the very same code: an exported program is this forward, traced.
+    Inputs are resolved (`History.resolved`): int64 ids and positions, bool mask.
     """
 
-    def __init__(self, model: TwoStageModel, *, fused: bool | None = None,
-                 max_scores: int = DEFAULT_MAX_SCORES) -> None:
+    def __init__(self, model: TwoStageModel, *, fused: bool | None = None) -> None:
+        super().__init__()
         config = model.config
         if config.score != "dot":
             raise ConfigError(f"Scorer supports the dot-product score only; this model uses {config.score!r} "
@@ -199,12 +147,71 @@ class Scorer:
         self.model = model.eval()
         self.config = config
         self.fused = fused
-        self.max_scores = max_scores
         self._search = SERVE_SEARCHES[config.search]
+
+    def forward(self, hist_items: torch.Tensor, hist_categories: torch.Tensor, hist_mask: torch.Tensor,
+                hist_positions: torch.Tensor, cand_items: torch.Tensor, cand_categories: torch.Tensor
+                ) -> torch.Tensor:
+        """Main-head logits (U, C): every embedding set's head input side by side, as in training."""
+        h = History(items=hist_items, categories=hist_categories, mask=hist_mask, positions=hist_positions)
+        u, c = cand_items.shape
+        features = []
+        for emb, search in self.model.embedding_sets:  # M sets (1 unless multi-embedding)
+            found = self._search(self._inputs(emb, search, h, cand_items, cand_categories))
+            r = found.interest if found.interest is not None else self._attend(emb, h, found)  # (U, C, E)
+            target = emb.target(cand_items, cand_categories)                            # (U, C, E)
+            features.append(head_features(target, r, target_aware=self.config.target_aware))  # (U, C, 3E)
+        return self.model.head(torch.cat(features, dim=-1).reshape(u * c, -1)).reshape(u, c)
+
+    def search(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> SearchResult:
+        """The (first embedding set's) search stage on a resolved history: kept positions and their logits."""
+        return self._search(self._inputs(self.model.embeddings, self.model.search, h, items, cats))
+
+    def _inputs(self, emb: RoleEmbeddings, search: torch.nn.Module, h: History, items: torch.Tensor,
+                cats: torch.Tensor) -> _SearchInputs:
+        bias = emb.position_bias()                                                   # (P,)
+        if bias is not None:
+            bias = bias[h.positions.clamp(max=bias.shape[0] - 1)]                    # (U, N)
+        return _SearchInputs(
+            emb=emb, search=search, history=h, bias=bias, cand_categories=cats, top_k=self.config.top_k,
+            fused=self.fused,
+            queries=emb.semantic("query", items, cats),                              # (U, C, 2 d_A)
+            keys=emb.semantic("key", h.items, h.categories))                         # (U, N, 2 d_A)
+
+    @staticmethod
+    def _attend(emb: RoleEmbeddings, h: History, found: SearchResult) -> torch.Tensor:
+        """Softmax over the K kept positions and the weighted sum of their value tokens: (U, C, E)."""
+        u, c, k = found.index.shape
+        flat = found.index.reshape(u, c * k)                                         # (U, C K)
+        kept = [t.gather(1, flat).reshape(u, c, k) for t in (h.items, h.categories, h.positions, h.mask)]
+        weights = masked_softmax(found.logits, kept[3])                              # (U, C, K)
+        values = emb.values(kept[0], kept[1], kept[2])                               # (U, C, K, E)
+        return torch.einsum("uck,ucke->uce", weights, values)
+
+
+class Scorer:
+    """Click probabilities of C candidates for each of U users, sharing one history pass per user.
+
+    Equals the training model's eval-mode forward on the (history, candidate) pairs; supports the
+    searches in `SERVE_SEARCHES` (soft top-K, hard search, ETA, SDIM, ...) with the dot-product score.
+    The computation is `ScorerModule`; this class resolves and checks inputs and bounds memory by
+    scoring users in chunks.
+    """
+
+    def __init__(self, model: TwoStageModel, *, fused: bool | None = None,
+                 max_scores: int = DEFAULT_MAX_SCORES) -> None:
+        self.module = ScorerModule(model, fused=fused)
+        self.model = self.module.model
+        self.config = self.module.config
+        self.max_scores = max_scores
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu", fused: bool | None = None) -> "Scorer":
         return cls(load_model_checkpoint(path, device=device), fused=fused)
+
+    @property
+    def fused(self) -> bool | None:
+        return self.module.fused
 
     @property
     def device(self) -> torch.device:
@@ -214,60 +221,22 @@ class Scorer:
     def search(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> SearchResult:
         """The search stage alone for one chunk of users: kept positions and their logits (U, C, K)."""
         h = history.resolved(self.device)
-        items, cats = self._candidates(h, cand_items, cand_categories)
-        return self._search(self._inputs(h, items, cats))
+        return self.module.search(h, *resolve_candidates(h, cand_items, cand_categories, self.device))
 
     @torch.inference_mode()
     def logits(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
         """Main-head logits (U, C); users are processed in chunks that bound the score matrix."""
         h = history.resolved(self.device)
-        items, cats = self._candidates(h, cand_items, cand_categories)
-        u, c = items.shape
-        n = h.items.shape[1]
-        chunk = max(1, self.max_scores // max(1, c * n))
-        parts = []
-        for lo in range(0, u, chunk):  # a few chunks, each fully vectorised
-            sub = History(**{f: getattr(h, f)[lo:lo + chunk] for f in ("items", "categories", "mask", "positions")})
-            parts.append(self._logits(sub, items[lo:lo + chunk], cats[lo:lo + chunk]))
-        return torch.cat(parts)
+        items, cats = resolve_candidates(h, cand_items, cand_categories, self.device)
+        (u, c), n = items.shape, h.items.shape[1]
+        return torch.cat([self.module(h.items[rows], h.categories[rows], h.mask[rows], h.positions[rows],
+                                      items[rows], cats[rows])
+                          for rows in user_chunks(u, c, n, self.max_scores)])  # a few chunks, each vectorised
 
     def score(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
         """Click probabilities (U, C)."""
         return torch.sigmoid(self.logits(history, cand_items, cand_categories))
 
-    def _candidates(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        items, cats = torch.as_tensor(items), torch.as_tensor(cats)
-        if items.dim() == 1:
-            items, cats = items.unsqueeze(0), cats.unsqueeze(0)
-        if items.shape != cats.shape or items.dim() != 2 or items.shape[0] != h.items.shape[0]:
-            raise DataError(f"candidates must be (U, C) with U = {h.items.shape[0]} users, got items "
-                            f"{tuple(items.shape)} and categories {tuple(cats.shape)}")
-        return items.to(self.device).long(), cats.to(self.device).long()
 
-    def _inputs(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> _SearchInputs:
-        emb = self.model.embeddings
-        bias = emb.position_bias()                                                   # (P,)
-        if bias is not None:
-            bias = bias[h.positions.clamp(max=bias.shape[0] - 1)]                    # (U, N)
-        return _SearchInputs(
-            emb=emb, search=self.model.search, history=h, bias=bias, cand_categories=cats, top_k=self.config.top_k, fused=self.fused,
-            queries=emb.semantic("query", items, cats),                              # (U, C, 2 d_A)
-            keys=emb.semantic("key", h.items, h.categories))                         # (U, N, 2 d_A)
-
-    def _logits(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
-        emb = self.model.embeddings
-        found = self._search(self._inputs(h, items, cats))
-        r = found.interest if found.interest is not None else self._attend(h, found)   # (U, C, E)
-        u, c = items.shape
-        target = emb.target(items, cats)                                             # (U, C, E)
-        features = head_features(target, r, target_aware=self.config.target_aware)   # (U, C, 3E)
-        return self.model.head(features.reshape(u * c, -1)).reshape(u, c)
-
-    def _attend(self, h: History, found: SearchResult) -> torch.Tensor:
-        """Softmax over the K kept positions and the weighted sum of their value tokens: (U, C, E)."""
-        u, c, k = found.index.shape
-        flat = found.index.reshape(u, c * k)                                         # (U, C K)
-        kept = [t.gather(1, flat).reshape(u, c, k) for t in (h.items, h.categories, h.positions, h.mask)]
-        weights = masked_softmax(found.logits, kept[3])                              # (U, C, K)
-        values = self.model.embeddings.values(kept[0], kept[1], kept[2])             # (U, C, K, E)
-        return torch.einsum("uck,ucke->uce", weights, values)
+# Serving searches defined in their own modules register on import; last, because they import this module.
+from darec.serve import ifa  # noqa: E402,F401  (IFA)

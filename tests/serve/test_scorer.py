@@ -72,6 +72,16 @@ def test_scorer_equals_training_forward(preset):
                                rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["dare", "twin_hard", "eta", "sdim"])
+def test_multi_embedding_scorer_equals_training_forward(preset):
+    """M = 2 embedding sets: each set searches on its own and the head reads both head inputs."""
+    model = _model(preset, n_embedding_sets=2)
+    history = _histories(4, 25)
+    items, cats = _candidates(4, 9)
+    torch.testing.assert_close(Scorer(model).logits(history, items, cats),
+                               _model_logits(model, history, items, cats), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["dare", "twin_hard"])
 def test_history_longer_than_max_len_clamps_positions(preset):
     model = _model(preset, max_len=10)
