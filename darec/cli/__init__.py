@@ -15,7 +15,8 @@ from darec.errors import DarecError
 __all__ = ["main"]
 
 # Each module defines `register(subparsers)`; a subcommand's handler is set with `set_defaults(handler=...)`.
-_COMMAND_MODULES = ("darec.cli.data", "darec.cli.train", "darec.cli.serve", "darec.cli.analysis")
+_COMMAND_MODULES = ("darec.cli.data", "darec.cli.train", "darec.cli.serve", "darec.cli.predict", "darec.cli.service",
+                    "darec.cli.export", "darec.cli.analysis")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,326 @@
+"""`darec serve`: the Scorer behind HTTP, for clients that speak raw ids.
+
+One process loads the model, the prepared dataset (memory-mapped histories) and its raw-id maps once;
+every request is validated by pydantic, encoded to internal ids in a few vectorised calls and scored
+with one `Scorer` call (one user, C candidates). Scoring is CPU-bound: it runs in worker threads, at
+most `concurrency` at once, while the event loop keeps reading requests and answering /healthz.
+
+A bad request is always a 4xx with a one-line `detail`, never a 500:
+    422  malformed JSON, wrong types, unknown fields, lengths that disagree, empty candidates
+    400  a body that is not UTF-8 or too deeply nested to parse (FastAPI's own answer)
+    404  a user or an item (or category) id the dataset does not know (items: under --unknown error)
+    413  a body above --max-body-bytes, more than --max-candidates candidates, a history longer
+         than --max-history
+"""
+# No `from __future__ import annotations`: the endpoint's body type is a per-dataset class FastAPI must see.
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Generic, TypeVar
+
+import anyio
+import numpy as np
+import polars as pl
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from typing_extensions import TypeAliasType
+
+from darec.data.id_maps import ID_KINDS, IdMaps, UnknownPolicy
+from darec.data.store import PreparedDataset
+from darec.errors import ConfigError, DataError
+from darec.serve.scorer import History, Scorer
+
+__all__ = ["ServeSettings", "ScoreRequest", "ScoreResponse", "IntId", "StrId", "create_app", "app_from_environment",
+           "SETTINGS_ENV"]
+
+# `uvicorn --workers N` starts each worker by import string; the settings reach it through this variable.
+SETTINGS_ENV = "DAREC_SERVE_SETTINGS"
+_SHOWN_ERRORS = 5  # validation errors listed in a 422 (a list of 10,000 bad values stays a short reply)
+
+# Raw ids as the dataset's readers saw them: integers or strings, whichever the dataset's id maps hold
+# (`IdMaps.raw_dtype`); the request models are parametrised per dataset, so a wrong kind is a plain 422.
+IntId = TypeAliasType("IntId", Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)])
+StrId = TypeAliasType("StrId", Annotated[StrictStr, Field(min_length=1, max_length=256)])
+UserId, ItemId, CategoryId = TypeVar("UserId"), TypeVar("ItemId"), TypeVar("CategoryId")
+
+
+class ServeSettings(BaseModel):
+    """What a server process is started with; the limits bound the work and memory of one request."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    checkpoint: Path
+    data: Path
+    device: str = "cpu"
+    max_candidates: int = Field(1000, ge=1)
+    max_history: int = Field(10_000, ge=1)
+    max_body_bytes: int | None = Field(None, ge=1)  # None: enough for the two lists at their limits
+    unknown: UnknownPolicy = "error"
+    threads: int | None = Field(1, ge=1)  # torch threads per process; requests already run in parallel
+    concurrency: int = Field(2, ge=1)  # requests scored at once per process (threads); the others wait in line
+
+    @property
+    def body_limit(self) -> int:
+        """Bytes: ~3 numbers of 24 characters per history behaviour and 2 per candidate, at least 1 MiB."""
+        return self.max_body_bytes or max(1 << 20, 72 * self.max_history + 48 * self.max_candidates)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class HistoryIn(_Strict, Generic[ItemId, CategoryId]):
+    """Behaviours oldest first (or in any order when `timestamps` are given: they are sorted by them)."""
+
+    items: list[ItemId]
+    categories: list[CategoryId] | None = None  # default: each item's category in the dataset
+    timestamps: list[float] | None = None
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "HistoryIn":
+        _check_lengths("history", self.items, categories=self.categories, timestamps=self.timestamps)
+        return self
+
+
+class CandidatesIn(_Strict, Generic[ItemId, CategoryId]):
+    items: list[ItemId] = Field(min_length=1)
+    categories: list[CategoryId] | None = None  # default: each item's category in the dataset
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> "CandidatesIn":
+        _check_lengths("candidates", self.items, categories=self.categories)
+        return self
+
+
+class ScoreRequest(_Strict, Generic[UserId, ItemId, CategoryId]):
+    """Score `candidates` for a stored user's history (`user`) or for an explicit `history`.
+    Parametrised by the dataset's raw id types: `ScoreRequest[IntId, IntId, StrId]`."""
+
+    user: UserId | None = None
+    history: HistoryIn[ItemId, CategoryId] | None = None
+    candidates: CandidatesIn[ItemId, CategoryId]
+    top_k: Annotated[StrictInt, Field(ge=1)] = 10
+
+    @model_validator(mode="after")
+    def _one_history(self) -> "ScoreRequest":
+        if (self.user is None) == (self.history is None):
+            raise ValueError("give exactly one of 'user' (a stored history) and 'history'")
+        return self
+
+
+class TopCandidates(BaseModel):
+    items: list[Any]
+    scores: list[float]
+
+
+class ScoreResponse(BaseModel):
+    """`scores[i]` is the click probability of `candidates.items[i]`; `top` the best `top_k`, best first."""
+
+    scores: list[float]
+    top: TopCandidates
+    history_length: int  # behaviours the model saw (after the max_len cut and dropping unknown ones)
+    unknown_candidates: list[Any]  # scored through the padding row (--unknown oov only)
+
+
+def _check_lengths(what: str, items: list, **others: list | None) -> None:
+    for name, values in others.items():
+        if values is not None and len(values) != len(items):
+            raise ValueError(f"{what}.{name} has {len(values)} values for {len(items)} items")
+
+
+class _Model:
+    """Everything a request needs, loaded once per process and only read afterwards (thread-safe)."""
+
+    def __init__(self, settings: ServeSettings) -> None:
+        from darec.train.trainer import resolve_device
+
+        self.settings = settings
+        self.dataset = PreparedDataset.open(settings.data)
+        self.ids = IdMaps.open(settings.data)
+        self.scorer = Scorer.load(_checkpoint_file(settings.checkpoint), device=resolve_device(settings.device))
+        config = self.scorer.config
+        for what in ("n_items", "n_categories"):
+            trained, here = getattr(config, what), getattr(self.dataset, what)
+            if trained != here:
+                raise ConfigError(f"checkpoint {settings.checkpoint} was trained with {what}={trained}, dataset "
+                                  f"{settings.data} has {here}: serve with the dataset the model was trained on")
+        self.item_categories = np.asarray(self.dataset.item_categories, dtype=np.int64)  # (n_items,), small
+        self.max_len = config.max_len
+        id_types = [IntId if self.ids.raw_dtype(kind) == pl.Int64 else StrId for kind in ID_KINDS]
+        self.request_model = ScoreRequest[tuple(id_types)]
+
+    def info(self) -> dict[str, Any]:
+        c, s = self.scorer.config, self.settings
+        return {"model": {"search": c.search, "tables": c.tables, "dim": c.dim, "attention_dim": c.attn_dim,
+                          "top_k": c.top_k, "max_len": c.max_len, "n_items": c.n_items,
+                          "n_categories": c.n_categories},
+                "checkpoint": s.checkpoint.name, "device": str(self.scorer.device),
+                "users": self.dataset.n_users, "unknown": s.unknown,
+                "limits": {"max_candidates": s.max_candidates, "max_history": s.max_history,
+                           "max_body_bytes": s.body_limit}}
+
+    def score(self, request: ScoreRequest) -> ScoreResponse:
+        cands = request.candidates
+        if len(cands.items) > self.settings.max_candidates:
+            raise HTTPException(413, f"{len(cands.items)} candidates, at most {self.settings.max_candidates}")
+        if request.history is not None and len(request.history.items) > self.settings.max_history:
+            raise HTTPException(413, f"history of {len(request.history.items)} behaviours, at most "
+                                     f"{self.settings.max_history}")
+        items, known = self._encode("item", cands.items, "candidates.items", allow_unknown=True)
+        categories = self._item_categories(items, cands.categories, "candidates.categories")
+        hist_items, hist_categories = (self._stored_history(request.user) if request.history is None
+                                       else self._given_history(request.history))
+        n = len(hist_items)
+        history = History.left_pad([hist_items], [hist_categories], length=max(1, n))  # 1 masked slot if empty
+        probs = self.scorer.score(history, torch.from_numpy(items), torch.from_numpy(categories))[0]
+        probs = probs.cpu().numpy().astype(np.float64)
+        best = np.argsort(-probs, kind="stable")[:request.top_k]
+        raw = np.asarray(cands.items, dtype=object)
+        return ScoreResponse(scores=probs.tolist(), top=TopCandidates(items=raw[best].tolist(),
+                                                                      scores=probs[best].tolist()),
+                             history_length=int(np.count_nonzero(hist_items)),
+                             unknown_candidates=raw[~known].tolist())
+
+    def _encode(self, kind: str, raw: list, field: str, *, allow_unknown: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Internal ids and a known-mask; an unknown id is a 404 unless the policy is oov and
+        `allow_unknown` (then it maps to the padding row). A value of the wrong kind is a 422."""
+        try:
+            ids = self.ids.encode(kind, raw, unknown="oov")
+        except DataError as err:
+            raise HTTPException(422, f"{field}: {err}") from None
+        known = ids != self.ids.oov_id(kind)
+        if not known.all() and not (allow_unknown and self.settings.unknown == "oov"):
+            unknown = np.asarray(raw, dtype=object)[~known]
+            raise HTTPException(404, f"{field}: {len(unknown)} {kind} id(s) not in the dataset, first "
+                                     f"{unknown[:5].tolist()}")
+        return ids, known
+
+    def _item_categories(self, items: np.ndarray, raw: list | None, field: str) -> np.ndarray:
+        if raw is None:
+            return self.item_categories[items]
+        return self._encode("category", raw, field, allow_unknown=True)[0]
+
+    def _stored_history(self, user: int | str) -> tuple[np.ndarray, np.ndarray]:
+        """The user's most recent max_len behaviours, read from the memory-mapped dataset."""
+        row = int(self._encode("user", [user], "user", allow_unknown=False)[0][0])
+        lo, hi = int(self.dataset.offsets[row]), int(self.dataset.offsets[row + 1])
+        lo = max(lo, hi - self.max_len)
+        return (np.asarray(self.dataset.items[lo:hi], dtype=np.int64),
+                np.asarray(self.dataset.categories[lo:hi], dtype=np.int64))
+
+    def _given_history(self, history: HistoryIn) -> tuple[np.ndarray, np.ndarray]:
+        """The explicit history in time order, cut to max_len; unknown behaviours (oov) stay as masked slots."""
+        items = self._encode("item", history.items, "history.items", allow_unknown=True)[0]
+        categories = self._item_categories(items, history.categories, "history.categories")
+        if history.timestamps is not None:
+            order = np.argsort(np.asarray(history.timestamps, dtype=np.float64), kind="stable")
+            items, categories = items[order], categories[order]
+        return items[-self.max_len:], categories[-self.max_len:]
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """A checkpoint file, or a `darec train` run directory (its best.pt)."""
+    if path.is_dir():
+        if not (path / "best.pt").is_file():
+            raise DataError("run directory has no best.pt; pass the checkpoint file itself", path=path)
+        return path / "best.pt"
+    return path
+
+
+class BodyLimit:
+    """Refuses request bodies above `limit` bytes with 413, whether announced (Content-Length) or
+    chunked: the body is read here, at most limit + 1 bytes, before the app sees any of it."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._refuse(scope, receive, send, 413 if declared.isdigit() else 400)
+            return
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+            if size > self.limit:
+                await self._refuse(scope, receive, send, 413)
+                return
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # after the body: wait for the disconnect, as the server would say it
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, status: int) -> None:
+        detail = (f"request body above the limit of {self.limit} bytes" if status == 413
+                  else "invalid Content-Length header")
+        # No "Connection: close": uvicorn then reads and discards the rest of the body, so the client,
+        # still sending, gets this answer instead of a connection reset.
+        await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
+def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+    """422 with the first few errors, without echoing the input back (it may be megabytes)."""
+    if isinstance(err.body, bytes):  # FastAPI parses JSON only when the client says it is JSON
+        return JSONResponse({"detail": "the body must be JSON, sent with Content-Type: application/json"},
+                            status_code=422)
+    errors = err.errors()
+    shown = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors[:_SHOWN_ERRORS]]
+    first = shown[0] if shown else {"loc": [], "msg": "invalid request"}
+    where = ".".join(str(part) for part in first["loc"][1:]) or "body"
+    return JSONResponse({"detail": f"{where}: {first['msg']} ({len(errors)} error(s))", "errors": shown},
+                        status_code=422)
+
+
+def create_app(checkpoint: str | Path, data: str | Path, **settings: Any) -> FastAPI:
+    """The service for one checkpoint and the prepared dataset it was trained on.
+
+    `settings` are the other fields of `ServeSettings` (device, max_candidates, max_history,
+    max_body_bytes, unknown, threads, concurrency); `threads` sets torch's process-wide thread count.
+    Raises DataError / ConfigError for a bad checkpoint or dataset."""
+    config = ServeSettings(checkpoint=Path(checkpoint), data=Path(data), **settings)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    model = _Model(config)
+    app = FastAPI(title="darec", summary="CTR scores of candidate items against long user histories",
+                  exception_handlers={RequestValidationError: _validation_error})
+    app.state.model = model
+
+    limiter = anyio.CapacityLimiter(config.concurrency)
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:  # on the event loop: answers while every scoring thread is busy
+        return {"status": "ok", **model.info()}
+
+    @app.post("/score", response_model=ScoreResponse,
+              responses={404: {"description": "unknown user or item id"},
+                         413: {"description": "body, candidate list or history above the limits"},
+                         422: {"description": "malformed request"}})
+    async def score(request: model.request_model) -> ScoreResponse:
+        # CPU-bound: off the event loop, at most `concurrency` requests at once (more only contend for the cores)
+        return await anyio.to_thread.run_sync(model.score, request, limiter=limiter)
+
+    app.add_middleware(BodyLimit, limit=config.body_limit)
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of a `uvicorn --workers N` worker: its settings are the JSON in $DAREC_SERVE_SETTINGS."""
+    settings = json.loads(os.environ[SETTINGS_ENV])
+    return create_app(**settings)
