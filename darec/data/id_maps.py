@@ -94,6 +94,8 @@ class _Map:
     id_of_sorted: np.ndarray  # (n,) int64 internal id of raw_sorted[i]
     raw_by_id: pl.Series    # (first + n + 1,) raw id of each internal id; null at padding and the last slot
     first: int
+    sorted_ints: np.ndarray | None = None  # raw_sorted as int64 for integer maps: numpy's search is ~30x
+                                           # cheaper than polars' for the few ids of one request
 
     @property
     def size(self) -> int:
@@ -199,6 +201,10 @@ class IdMaps:
         table = self._map(kind)
         if table.size == 0 or len(values) == 0:
             return np.zeros(len(values), dtype=bool), np.full(len(values), self.oov_id(kind), dtype=np.int64)
+        if table.sorted_ints is not None and values.null_count() == 0:
+            keys = values.to_numpy()
+            slot = np.minimum(np.searchsorted(table.sorted_ints, keys), table.size - 1)
+            return table.sorted_ints[slot] == keys, table.id_of_sorted[slot]
         slot = np.minimum(table.raw_sorted.search_sorted(values).to_numpy(), table.size - 1)
         found = (table.raw_sorted.gather(slot) == values).fill_null(False).to_numpy()
         return found, table.id_of_sorted[slot]
@@ -238,8 +244,10 @@ def _read_map(file: Path, *, first: int) -> _Map:
         raise DataError("id map has missing or repeated raw ids; prepare the data again", path=file)
     order = raw.arg_sort().to_numpy()
     padding = pl.Series([None] * first, dtype=raw.dtype)
-    return _Map(raw_sorted=raw.gather(order), id_of_sorted=ids[order], first=first,
-                raw_by_id=pl.concat([padding, raw, pl.Series([None], dtype=raw.dtype)]))
+    raw_sorted = raw.gather(order)
+    return _Map(raw_sorted=raw_sorted, id_of_sorted=ids[order], first=first,
+                raw_by_id=pl.concat([padding, raw, pl.Series([None], dtype=raw.dtype)]),
+                sorted_ints=raw_sorted.to_numpy() if raw.dtype == pl.Int64 else None)
 
 
 def _as_series(raw: Any, kind: str) -> pl.Series:
