@@ -7,6 +7,8 @@
 #   tests      pytest -m gpu: the fused Triton search equals plain torch on CUDA, CUDA training paths
 #   train      training samples/s, DARE and TWIN at dim 16 and 128, batch 2,048 to 32,768,
 #              row-sparse vs dense Adam (Taobao-sized vocabulary)          -> train_throughput_cuda.json
+#              and, where torchrec + fbgemm-gpu import, torchrec tables with fused Adam
+#                                                                  -> train_throughput_torchrec_cuda.json
 #   inference  Scorer per request and fused vs plain search on 1 x 1,000 x 10^4 and 64 x 100 x 10^4
 #              (users x candidates x history) at K_A 16 to 128, peak training memory -> inference_cuda.json
 #   search     every baseline's search at N = 200 / 1,000 / 10,000          -> search_speed_cuda.json
@@ -28,7 +30,14 @@ run_stage() {
     case "$1" in
         tests) $PY -m pytest -m gpu -q -p no:cacheprovider tests ;;
         train) $PY benchmarks/train_throughput.py --device cuda --preset dare twin --dim 16 128 \
-                   --batch-size 2048 8192 32768 --sparse-optimizer both --steps 50 --warmup 10 ;;
+                   --batch-size 2048 8192 32768 --sparse-optimizer both --steps 50 --warmup 10
+               if $PY -c "import torchrec, fbgemm_gpu" 2>/dev/null; then
+                   $PY benchmarks/train_throughput.py --device cuda --preset dare --dim 16 128 --batch-size 8192 32768 \
+                       --embedding-backend torchrec --embedding-optimizer adam --steps 50 --warmup 10 \
+                       --name train_throughput_torchrec_cuda
+               else
+                   echo "train: torchrec / fbgemm-gpu not importable here: torchrec tables not timed (docs/scale.md)"
+               fi ;;
         inference) $PY benchmarks/inference.py --device cuda --dim 128 --attention-dims 128 64 32 16 \
                    --candidates 1000 --lengths 10000 --batch-users 64 --batch-candidates 100 --batch-length 10000 ;;
         search) $PY benchmarks/search_speed.py --device cuda --out "$RESULTS/search_speed_cuda.json" ;;

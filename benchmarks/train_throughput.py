@@ -12,6 +12,7 @@ Writes benchmarks/results/NAME.json (default train_throughput_<device>.json).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import os
@@ -32,6 +33,7 @@ from darec.data.store import PreparedDataset, write_prepared
 from darec.io import write_json
 from darec.models import build_model, preset_config
 from darec.train.config import TrainConfig
+from darec.train import distributed
 from darec.train.trainer import Optimizers, regularised_weights, resolve_device, train_step
 
 __all__ = ["random_dataset", "measure", "main"]
@@ -70,14 +72,19 @@ def random_dataset(out: Path, *, n_items: int, n_categories: int, n_users: int, 
 
 
 def measure(dataset: PreparedDataset, config: TrainConfig, *, warmup: int, steps: int,
-            progress: bool = True) -> dict[str, Any]:
-    """samples/s over `steps` timed trainer steps after `warmup` untimed ones (same set-up as `train`)."""
+            progress: bool = True, profile: int = 0) -> dict[str, Any]:
+    """samples/s over `steps` timed trainer steps after `warmup` untimed ones (same set-up as `train`).
+    `profile` > 0 also records where the timed steps spent their time: the top `profile` operators by
+    self CPU time (torch.profiler; the profiler's own overhead slows those steps)."""
     device = resolve_device(config.device)
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     torch.manual_seed(config.seed)
     model_config = preset_config(config.preset, n_items=dataset.n_items, n_categories=dataset.n_categories,
                                  **{"max_len": config.max_len or dataset.max_len, **config.model})
-    model = build_model(model_config).to(device).train()
+    model = build_model(model_config).to(device)
+    if config.embedding_backend == "torchrec":  # tables sharded over a one-process group, as `darec train` does
+        model = distributed.shard_tables(model, config, device, distributed.setup(device))
+    model.train()
     optimizers = Optimizers(model, config, device)
     forward = torch.compile(model) if config.compile else model
     weights = regularised_weights(model)
@@ -97,23 +104,43 @@ def measure(dataset: PreparedDataset, config: TrainConfig, *, warmup: int, steps
                           device=device)
         bar.update(1)
     sync()
-    start = time.perf_counter()
-    for _ in range(steps):
-        loss = train_step(forward, next(batches), optimizers=optimizers, config=config, l2_weights=weights,
-                          device=device)
-        bar.update(1)
-    sync()
-    seconds = time.perf_counter() - start
+    profiler = (torch.profiler.profile(activities=_activities(device)) if profile
+                else contextlib.nullcontext())
+    with profiler:
+        start = time.perf_counter()
+        for _ in range(steps):
+            loss = train_step(forward, next(batches), optimizers=optimizers, config=config, l2_weights=weights,
+                              device=device)
+            bar.update(1)
+        sync()
+        seconds = time.perf_counter() - start
     bar.close()
     record = {"preset": config.preset, "dim": model_config.dim, "attention_dim": model_config.attn_dim,
               "batch_size": config.batch_size, "max_len": model_config.max_len, "top_k": model_config.top_k,
               "aux_head": model_config.aux_head, "sparse_optimizer": config.sparse_optimizer,
+              "embedding_backend": config.embedding_backend, "embedding_optimizer": config.embedding_optimizer,
               "precision": config.precision, "compile": config.compile, "deterministic": config.deterministic,
               "device": str(device), "warmup_steps": warmup, "steps": steps, "seconds": seconds,
               "samples_per_s": steps * config.batch_size / seconds, "final_loss": float(loss)}
     if device.type == "cuda":
         record["peak_memory_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    if profile:
+        record["profile"] = _top_operators(profiler, profile)
     return record
+
+
+def _activities(device: torch.device) -> list[Any]:
+    cuda = [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else []
+    return [torch.profiler.ProfilerActivity.CPU, *cuda]
+
+
+def _top_operators(profiler: Any, n: int) -> list[dict[str, Any]]:
+    """The `n` operators with the most self CPU time, with their share of all operators' self time."""
+    events = profiler.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:n]
+    return [{"op": e.key, "calls": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
+             "share": e.self_cpu_time_total / total} for e in top]
 
 
 def _flags(value: str) -> list[bool]:
@@ -137,8 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sparse-optimizer", choices=["on", "off", "both"], default="off")
     p.add_argument("--aux-head", choices=["on", "off", "both"], default="on")
     p.add_argument("--deterministic", choices=["on", "off", "both"], default="on")
+    p.add_argument("--embedding-backend", nargs="+", choices=["plain", "torchrec"], default=["plain"],
+                   help="torchrec: tables in torchrec, fbgemm's fused optimiser (optional dependency)")
+    p.add_argument("--embedding-optimizer", choices=["adam", "rowwise_adagrad"], default="adam",
+                   help="torchrec's fused optimiser (adam: CUDA only)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="also record the top N operators by self CPU time of the timed steps (torch.profiler)")
     p.add_argument("--data-dir", type=Path, default=Path("/tmp/darec-bench-data"))
     p.add_argument("--name", help="results file stem (default train_throughput_<device type>)")
     args = parse_args(p, argv)
@@ -150,18 +183,19 @@ def main(argv: list[str] | None = None) -> int:
                              max_len=args.max_len, per_user=per_user)
     records = []
     grid = itertools.product(args.preset, args.dim, args.batch_size, _flags(args.sparse_optimizer),
-                             _flags(args.aux_head), _flags(args.deterministic))
-    for preset, dim, batch_size, sparse, aux, deterministic in grid:
+                             _flags(args.aux_head), _flags(args.deterministic), args.embedding_backend)
+    for preset, dim, batch_size, sparse, aux, deterministic, backend in grid:
         model = {"dim": dim, "top_k": args.top_k, "aux_head": aux}
         if args.attention_dim:
             model["attention_dim"] = args.attention_dim
         config = TrainConfig(preset=preset, model=model, batch_size=batch_size, device=str(device),
                              sparse_optimizer=sparse, precision=args.precision, compile=args.compile,
-                             deterministic=deterministic, max_len=args.max_len)
-        record = measure(dataset, config, warmup=args.warmup, steps=args.steps)
+                             deterministic=deterministic, max_len=args.max_len, embedding_backend=backend,
+                             embedding_optimizer=args.embedding_optimizer)
+        record = measure(dataset, config, warmup=args.warmup, steps=args.steps, profile=args.profile)
         records.append(record)
-        log.info("%-10s dim=%-3d batch=%-6d sparse=%-5s aux=%-5s det=%-5s %10.0f samples/s", preset, dim, batch_size,
-                 sparse, aux, deterministic, record["samples_per_s"])
+        log.info("%-10s dim=%-3d batch=%-6d sparse=%-5s aux=%-5s det=%-5s tables=%-8s %10.0f samples/s", preset, dim,
+                 batch_size, sparse, aux, deterministic, backend, record["samples_per_s"])
     name = args.name or f"train_throughput_{device.type}"
     device_name = (torch.cuda.get_device_name(device) if device.type == "cuda"
                    else platform.processor() or platform.machine())
