@@ -126,7 +126,8 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> TwoStageMod
 def test_batches(dataset: PreparedDataset, model: TwoStageModel, *, split: str = "test",
                  batch_size: int = 1024) -> Iterator[Batch]:
     """The split in file order, with the history length the model was trained on."""
-    loader = BatchLoader(dataset, split, batch_size=batch_size, shuffle=False, max_len=model.config.max_len)
+    loader = BatchLoader(dataset, split, batch_size=batch_size, shuffle=False, max_len=model.config.max_len,
+                         group_sets=model.uses_candidate_sets)  # a set model (IFA) sees whole candidate sets
     return loader.batches(0)
 
 

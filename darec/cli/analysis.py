@@ -8,7 +8,8 @@ from darec.cli.arg_types import non_negative_int, positive_int
 
 __all__ = ["register"]
 
-_KINDS = ("gradients", "attention", "retrieval", "discriminability", "convergence", "attention-size", "all")
+_KINDS = ("gradients", "attention", "retrieval", "discriminability", "convergence", "attention-size", "collapse",
+          "all")
 
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -24,7 +25,8 @@ def _analyze(args: argparse.Namespace) -> int:
     results = analyze(args.kind, data=args.data, out=args.out, runs=args.runs,
                       presets=tuple(args.presets) if args.presets else None, train=train, dim=args.dim,
                       steps=args.steps, sizes=tuple(args.sizes), representation_dim=args.representation_dim,
-                      cluster_features=args.cluster_features, progress=not args.no_progress)
+                      cluster_features=args.cluster_features, embedding_sets=tuple(args.embedding_sets),
+                      progress=not args.no_progress)
     for kind, result in results.items():
         figures = ", ".join(result.get("figures", []))
         print(f"{kind}: {args.out / kind / (kind + '.json')}  figures: {figures}")
@@ -57,6 +59,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cluster-features", choices=["h", "head-input"], default="h",
                    help="discriminability: cluster h = v_t*r (the paper's, default) or the whole head input "
                         "[v_t, r, v_t*r] (the reference's)")
+    p.add_argument("--embedding-sets", type=positive_int, nargs="+", default=[1],
+                   help="collapse: multi-embedding set counts M, each preset trained once per M (default 1)")
     p.add_argument("--epochs", type=positive_int, default=None, help="training epochs per run (default 2)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="training batch (default 256)")
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between validations (default 10)")

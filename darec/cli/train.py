@@ -43,6 +43,9 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
             group.add_argument(flag, dest=name, metavar=name.upper(),
                                help=f"{field.description} (default: {field.default})")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--nproc-per-node", type=int, default=1, metavar="N",
+                   help="train in N processes on this machine (re-launches itself through torchrun; one "
+                        "device each on GPUs, shared CPU otherwise; see docs/scale.md)")
 
 
 def _value(raw: str) -> Any:
@@ -85,11 +88,14 @@ def _train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args, preset=args.preset, seed=args.seed)
     preset_config(config.preset, n_items=2, n_categories=2, **config.model)
+    if (status := _relaunch(args)) is not None:
+        return status
     result = train(data=args.data, config=config, out_dir=args.out, resume=not args.no_resume,
                    progress=not args.no_progress)
-    print(f"{config.preset}: best validation AUC {result['val']['auc']:.5f} at step {result['best_step']}; "
-          f"test AUC {result['test']['auc']:.5f}, GAUC {result['test']['gauc']:.5f}, "
-          f"logloss {result['test']['logloss']:.5f}  ->  {args.out}/result.json")
+    if _is_main():
+        print(f"{config.preset}: best validation AUC {result['val']['auc']:.5f} at step {result['best_step']}; "
+              f"test AUC {result['test']['auc']:.5f}, GAUC {result['test']['gauc']:.5f}, "
+              f"logloss {result['test']['logloss']:.5f}  ->  {args.out}/result.json")
     return 0
 
 
@@ -98,9 +104,32 @@ def _table(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args)
     spec = TableSpec(presets=resolve_presets(args.presets), dims=tuple(args.dims), seeds=tuple(args.seeds))
+    if (status := _relaunch(args)) is not None:
+        return status
     run_table(data=args.data, out_dir=args.out, spec=spec, base=config, progress=not args.no_progress)
-    print((Path(args.out) / "table.md").read_text())
+    if _is_main():
+        print((Path(args.out) / "table.md").read_text())
     return 0
+
+
+def _relaunch(args: argparse.Namespace) -> int | None:
+    """`--nproc-per-node N` outside torchrun: this command line again as N processes (its exit status);
+    None when this process should train itself. The data is opened here first, so a bad --data is one line."""
+    from darec.data.store import PreparedDataset
+    from darec.train.distributed import launched, relaunch
+
+    if args.nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node must be >= 1, got {args.nproc_per_node}")
+    if args.nproc_per_node == 1 or launched():
+        return None
+    PreparedDataset.open(args.data)
+    return relaunch(args.nproc_per_node)
+
+
+def _is_main() -> bool:
+    from darec.train.distributed import current
+
+    return current().is_main
 
 
 def _presets(args: argparse.Namespace) -> int:

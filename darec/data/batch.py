@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Batch", "HISTORY_FIELDS"]
+__all__ = ["Batch", "HISTORY_FIELDS", "set_slots"]
 
 HISTORY_FIELDS = ("hist_items", "hist_categories", "hist_positions", "mask")
 
@@ -28,6 +28,9 @@ class Batch:
         target_category: (B,) int64.
         label: (B,) float32, 1.0 for a click.
         user: (B,) int64 user index (for GAUC).
+        candidate_set: (B,) int64 or None. Rows with the same id were cut from the same user at the same
+            moment (one request's candidate set: a positive and its negatives); ids are 0..G-1 within the
+            batch. None: every row is a set of its own. Set-wise models (IFA) and ranking losses read it.
     """
 
     hist_items: torch.Tensor
@@ -38,9 +41,11 @@ class Batch:
     target_category: torch.Tensor
     label: torch.Tensor
     user: torch.Tensor
+    candidate_set: torch.Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking)
+        return Batch(**{f.name: None if getattr(self, f.name) is None
+                        else getattr(self, f.name).to(device, non_blocking=non_blocking)
                         for f in dataclasses.fields(self)})
 
     def take_history(self, index: torch.Tensor) -> "Batch":
@@ -51,7 +56,25 @@ class Batch:
                                             for name in HISTORY_FIELDS})
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory()
+                        for f in dataclasses.fields(self)})
+
+    def set_ids(self) -> tuple[torch.Tensor, int]:
+        """(B,) candidate-set id of every row and the number of sets G (each row alone when unknown)."""
+        if self.candidate_set is None:
+            return torch.arange(len(self), device=self.target_item.device), len(self)
+        return self.candidate_set, int(self.candidate_set.max()) + 1 if len(self) else 0
 
     def __len__(self) -> int:
         return int(self.target_item.shape[0])
+
+
+def set_slots(sets: torch.Tensor, n_sets: int) -> tuple[torch.Tensor, int]:
+    """Place of every row within its candidate set (0, 1, ... in row order) and the largest set's size, so
+    rows (R, ...) scatter into a padded (G, S, ...) layout with `out[sets, slot] = rows`."""
+    counts = torch.bincount(sets, minlength=n_sets)                                  # (G,)
+    order = torch.argsort(sets, stable=True)                                         # rows grouped by set
+    first = torch.cumsum(counts, 0) - counts                                         # (G,) start of each set
+    slot = torch.empty_like(sets)
+    slot[order] = torch.arange(len(sets), device=sets.device) - first[sets[order]]
+    return slot, int(counts.max()) if len(sets) else 0

@@ -49,11 +49,23 @@ class BatchLoader:
     reproduces exactly the batches a run would have seen after `start` steps of that epoch (resume).
     `max_len` may exceed the prepared one: longer histories come from the same CSR. On a CUDA device
     the CSR arrays live on the GPU and the gather runs there; only sample pointers cross the bus.
+
+    `group_sets`: a split stores each positive followed by its negatives of the same user and cut (one
+    candidate set, see protocol.py); with `group_sets` whole sets are shuffled and a batch holds
+    `batch_size // set size` whole sets, so set-wise models and ranking losses see every set complete.
+    Every batch carries `candidate_set` ids (rows of one user and cut share one) in either mode.
+
+    `shard=(rank, world_size)`: this process reads only its share of every global batch (multi-process
+    training, darec/train/distributed.py): a contiguous run of the batch's rows (whole sets with
+    `group_sets`), shares differing by at most one row (set). Every rank gets the same number of
+    non-empty batches, as DDP and sharded tables need: a batch with fewer rows (sets) than ranks hands its
+    last row (set) to the ranks past its end again (evaluation drops such repeats by row index).
     """
 
     def __init__(self, dataset: PreparedDataset, split: str, *, batch_size: int, shuffle: bool = False,
                  seed: int = 0, max_len: int | None = None, drop_last: bool = False,
-                 device: str | torch.device = "cpu") -> None:
+                 device: str | torch.device = "cpu", group_sets: bool = False,
+                 shard: tuple[int, int] = (0, 1)) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.max_len = int(max_len if max_len is not None else dataset.max_len)
@@ -61,6 +73,13 @@ class BatchLoader:
             raise ConfigError(f"max_len must be >= 1, got {self.max_len}")
         self.samples = dataset.split(split)
         self.batch_size, self.shuffle, self.seed, self.drop_last = batch_size, shuffle, seed, drop_last
+        self.group_sets = group_sets
+        if not 0 <= shard[0] < shard[1]:
+            raise ConfigError(f"shard must be (rank, world_size) with 0 <= rank < world_size, got {shard}")
+        self.shard = shard
+        keys = _request_keys(self.samples)
+        self._set_starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+        self._sets_per_batch = max(1, batch_size * len(self._set_starts) // max(len(self.samples), 1))
         self.device = torch.device(device)
         self._on_device = self.device.type != "cpu"
         if self._on_device:
@@ -71,23 +90,64 @@ class BatchLoader:
         self._positions = torch.arange(self.max_len, 0, -1, dtype=torch.int64, device=self.device)  # (L,)
 
     def __len__(self) -> int:
-        n = len(self.samples)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        n, per = (len(self._set_starts), self._sets_per_batch) if self.group_sets else (len(self.samples), self.batch_size)
+        return n // per if self.drop_last else math.ceil(n / per)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches(0)
 
     def order(self, epoch: int) -> np.ndarray:
         """Sample indices of `epoch` in visiting order."""
+        if self.group_sets:
+            return self._set_order(epoch)[0]
         if not self.shuffle:
             return np.arange(len(self.samples))
         return np.random.default_rng([self.seed, epoch]).permutation(len(self.samples))
 
+    def _set_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of whole candidate sets in visiting order, and where each batch starts in that order."""
+        sizes = np.diff(np.r_[self._set_starts, len(self.samples)])
+        sets = np.arange(len(sizes))
+        if self.shuffle:
+            sets = np.random.default_rng([self.seed, epoch]).permutation(len(sizes))
+        lengths = sizes[sets]
+        ends = np.cumsum(lengths)
+        rows = np.repeat(self._set_starts[sets] - (ends - lengths), lengths) + np.arange(ends[-1] if len(ends) else 0)
+        bounds = np.r_[0, ends][::self._sets_per_batch]
+        return rows, np.r_[bounds, len(rows)] if bounds[-1] != len(rows) else bounds
+
     def batches(self, epoch: int, start: int = 0) -> Iterator[Batch]:
         """Batches of `epoch`, skipping the first `start` (cheap: nothing is gathered for them)."""
-        order = self.order(epoch)
+        for index in self.indices(epoch, start):
+            yield self._batch(index)
+
+    def indices(self, epoch: int, start: int = 0) -> Iterator[np.ndarray]:
+        """Sample indices of the batches of `epoch` from batch `start` on (this rank's share of each)."""
+        if self.group_sets:
+            order, bounds = self._set_order(epoch)
+        else:
+            order = self.order(epoch)
+            bounds = np.minimum(np.arange(len(self) + 1) * self.batch_size, len(order))
         for b in range(start, len(self)):
-            yield self._batch(order[b * self.batch_size:(b + 1) * self.batch_size])
+            yield self._share(order[bounds[b]:bounds[b + 1]])
+
+    def _share(self, index: np.ndarray) -> np.ndarray:
+        """This rank's contiguous run of whole units (rows, or candidate sets) of one global batch."""
+        rank, world = self.shard
+        if world == 1:
+            return index
+        if self.group_sets:
+            keys = _request_keys(self.samples[index])
+            starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        else:
+            starts = np.arange(len(index))
+        edges = np.r_[starts, len(index)]
+        units = len(starts)
+        if units < world:  # too few to share: ranks past the end repeat the last unit
+            first = min(rank, units - 1)
+            return index[edges[first]:edges[first + 1]]
+        cuts = np.arange(world + 1) * units // world
+        return index[edges[cuts[rank]]:edges[cuts[rank + 1]]]
 
     def _batch(self, index: np.ndarray) -> Batch:
         rows = self.samples[index]  # structured (B,) copy of the pointers
@@ -102,6 +162,12 @@ class BatchLoader:
             hist_items, hist_cats = torch.from_numpy(hi.astype(np.int64)), torch.from_numpy(hc.astype(np.int64))
             mask = torch.from_numpy(m)
         positions = self._positions.expand(len(index), -1).contiguous()  # (B, L), same for every row
+        sets = torch.from_numpy(np.unique(_request_keys(rows), return_inverse=True)[1].reshape(-1))
         return Batch(hist_items=hist_items, hist_categories=hist_cats, hist_positions=positions, mask=mask,
                      target_item=columns["item"], target_category=columns["category"], label=label,
-                     user=columns["user"])
+                     user=columns["user"], candidate_set=sets.to(self.device, non_blocking=True))
+
+
+def _request_keys(rows: np.ndarray) -> np.ndarray:
+    """One int64 per sample, equal exactly for samples of the same user and cut (one candidate set)."""
+    return (rows["user"].astype(np.int64) << 32) | rows["cut"].astype(np.int64)

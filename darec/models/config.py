@@ -29,7 +29,9 @@ class ModelConfig:
 
     Dimensions are per field: a token is [item; category; position], so E = 3 * dim
     (2 * dim without positions). `attention_dim` (K_A) may differ from `dim` (K_R) only when
-    the attention roles have tables of their own.
+    the attention roles have tables of their own. `n_embedding_sets` M > 1 is multi-embedding (Guo et
+    al., 2023, against embedding collapse): M independent table sets, each with its own search, and the
+    head input is the M head inputs side by side (width M * 3E).
     """
 
     n_items: int
@@ -50,11 +52,12 @@ class ModelConfig:
     init_std: float = 0.01
     legacy_init: bool = False         # the reference's N(0, 0.01^2) BatchNorm gamma and PReLU slopes
     search_options: dict[str, Any] = field(default_factory=dict)  # options of non-default searches
+    n_embedding_sets: int = 1         # multi-embedding: independent tables + search per set, heads see all
 
     def __post_init__(self) -> None:
         if self.tables not in TABLE_LAYOUTS:
             raise ConfigError(f"tables must be one of {sorted(TABLE_LAYOUTS)}, got {self.tables!r}")
-        for name in ("n_items", "n_categories", "max_len", "dim", "top_k"):
+        for name in ("n_items", "n_categories", "max_len", "dim", "top_k", "n_embedding_sets"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.attention_dim is not None and self.attention_dim < 1:

@@ -5,7 +5,7 @@ it on top of the dataset's vocabulary sizes and any user overrides.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from darec.errors import ConfigError
@@ -16,18 +16,22 @@ __all__ = ["Preset", "PRESETS", "register_preset", "preset_config", "TABLE1_PRES
 
 @dataclass(frozen=True)
 class Preset:
+    """`overrides`: ModelConfig fields; `train`: TrainConfig fields the preset needs when the run leaves
+    them null (IFA's set-wise loss)."""
+
     name: str
     description: str
     overrides: dict[str, Any]
+    train: dict[str, Any] = field(default_factory=dict)
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def register_preset(name: str, description: str, **overrides: Any) -> Preset:
+def register_preset(name: str, description: str, *, train: dict[str, Any] | None = None, **overrides: Any) -> Preset:
     if name in PRESETS:
         raise ConfigError(f"preset {name!r} registered twice")
-    PRESETS[name] = Preset(name, description, overrides)
+    PRESETS[name] = Preset(name, description, overrides, dict(train or {}))
     return PRESETS[name]
 
 
@@ -59,6 +63,14 @@ register_preset("sim_hard", "SIM (hard): same-category GSU, ESU target attention
                 tables="shared", search="sim_hard", aux_head=False)
 register_preset("sim_soft", "SIM (soft): inner-product GSU on its own tables (aux-trained), separate ESU",
                 tables="decoupled", search="sim_soft")
+register_preset("ifa", "IFA: linear attention of every candidate over the whole history, linear attention "
+                "among the candidates, BCE + listwise loss", tables="shared", search="ifa", aux_head=False,
+                train={"ranking_loss": "listwise"})
+register_preset("ifa_dare", "IFA on DARE's decoupled attention / representation tables",
+                tables="decoupled", search="ifa", aux_head=False, train={"ranking_loss": "listwise"})
+register_preset("ifa_no_set", "IFA without the candidate attention: every row scored alone, as DARE/TWIN",
+                tables="shared", search="ifa", aux_head=False, search_options={"set_attention": False},
+                train={"ranking_loss": "listwise"})
 
 # The rows of the paper's Table 1, in the paper's order (`--presets table1`).
 TABLE1_PRESETS = ("eta", "sdim", "din", "twin", "twin_hard", "twin_proj", "twin_no_tr", "twin_v2",

@@ -51,6 +51,17 @@ class TrainConfig(BaseModel):
     lr: float = Field(0.01, gt=0, description="learning rate")
     l2: float = Field(1e-6, ge=0, description="weight * sum(w^2) over non-embedding, non-bias weights")
     aux_weight: float = Field(1.0, ge=0, description="weight of the auxiliary head's loss")
+    ranking_loss: Literal["none", "pairwise", "listwise"] | None = Field(
+        None, description="ranking term added to BCE within each candidate set (a positive and its negatives of "
+                          "the same cut): pairwise -log sigmoid(s+ - s-), listwise softmax cross-entropy; null: the "
+                          "preset's (listwise for the ifa presets, none otherwise)")
+    ranking_weight: float = Field(1.0, ge=0, description="weight of the ranking term (when there is one)")
+    batching: Literal["rows", "sets"] | None = Field(
+        None, description="rows: samples shuffled one by one; sets: whole candidate sets per batch; null: sets "
+                          "when the model or a ranking loss needs them, rows otherwise")
+    record_logit_gradients: bool = Field(
+        False, description="record the mean |d loss / d logit| of positive and negative training rows (scaled by "
+                           "the batch size) in the learning curve")
     batch_size: int = Field(2048, gt=0, description="training batch size")
     eval_batch_size: int = Field(4096, gt=0, description="evaluation batch size")
     epochs: int = Field(2, gt=0, description="maximum number of epochs")
@@ -72,6 +83,12 @@ class TrainConfig(BaseModel):
     threads: int | None = Field(None, ge=1, description="CPU threads (null: torch's); recorded, part of the "
                                                         "run's identity: results are bit-identical per thread count")
     compile: bool = Field(False, description="torch.compile the model")
+    embedding_backend: Literal["plain", "torchrec"] = Field(
+        "plain", description="plain: nn.Embedding tables (row-sparse or dense Adam; what the analyses need); "
+                             "torchrec: tables sharded over processes by torchrec, updated by fbgemm's fused optimiser "
+                             "in backward (optional dependency, docs/scale.md)")
+    embedding_optimizer: Literal["adam", "rowwise_adagrad"] = Field(
+        "adam", description="fused optimiser of torchrec tables (fbgemm: adam on CUDA only, rowwise_adagrad anywhere)")
     deterministic: bool = Field(True, description="deterministic kernels: a resumed run equals an uninterrupted one")
 
     @field_validator("device")

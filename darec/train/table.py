@@ -17,6 +17,7 @@ from darec.data.store import PreparedDataset
 from darec.errors import ConfigError, DataError
 from darec.io import write_json, write_text
 from darec.models.presets import PRESETS, TABLE1_PRESETS
+from darec.train import distributed
 from darec.train.config import TrainConfig
 from darec.train.metrics import auc, logloss
 from darec.train.significance import bootstrap_rows
@@ -32,6 +33,7 @@ PAPER_NAMES = {
     "twin": "TWIN (2023)", "twin_hard": "TWIN (hard)", "twin_proj": "TWIN (w/ proj.)",
     "twin_no_tr": "TWIN (w/o TR)", "twin_v2": "TWIN-V2 (2024)", "twin_4e": "TWIN-4E", "dare": "DARE",
     "dare_no_tr": "DARE (w/o TR)", "sim_hard": "SIM (hard)", "sim_soft": "SIM (soft)",
+    "ifa": "IFA (2024)", "ifa_dare": "IFA + DARE tables", "ifa_no_set": "IFA (no candidate attention)",
 }
 METRICS = ("auc", "gauc", "logloss", "accuracy", "category_auc")
 BASELINE = "twin"  # the row every other is tested against (the paper's strongest prior method)
@@ -75,10 +77,12 @@ def _load_finished(run_dir: Path) -> dict[str, Any] | None:
 
 def run_table(*, data: str | Path, out_dir: str | Path, spec: TableSpec, base: TrainConfig,
               progress: bool = True, n_replicates: int = 1000) -> list[dict[str, Any]]:
-    """Train (or reuse) every run of the grid, then write table.md, table.csv, runs.json and curves.png."""
+    """Train (or reuse) every run of the grid, then write table.md, table.csv, runs.json and curves.png.
+    Under torchrun every run trains in all processes; rank 0 summarises (the others return [])."""
     dataset = PreparedDataset.open(data)
     out_dir = Path(out_dir)
     dataset_hash = str(dataset.manifest.get("content_sha256", ""))
+    cluster = distributed.setup(resolve_device(base.device))  # under torchrun: every run in N processes
     if base.threads is not None:
         torch.set_num_threads(base.threads)
     env = environment(base, resolve_device(base.device))
@@ -94,6 +98,8 @@ def run_table(*, data: str | Path, out_dir: str | Path, spec: TableSpec, base: T
         else:
             log.info("[%d/%d] cached %s dim=%d seed=%d", i, len(grid), preset, dim, seed)
         runs.append({"preset": preset, "dim": dim, "seed": seed, "run_dir": str(run_dir), **result})
+    if not cluster.is_main:  # rank 0 summarises and writes
+        return []
     log.info("bootstrapping test AUC over users and seeds (%d replicates)", n_replicates)
     evidence = evidence_of(dataset, max_len=base.max_len)
     rows = summarise(runs, spec, evidence, n_replicates=n_replicates)

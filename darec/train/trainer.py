@@ -26,14 +26,17 @@ from darec.data.loader import BatchLoader
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError
 from darec.io import write_json, write_text
-from darec.models import TwoStageModel, build_model, preset_config
+from darec.models import PRESETS, TwoStageModel, build_model, preset_config
 from darec.models.config import ModelConfig
+from darec.models.torchrec_tables import fused_parameter_ids, load_plain_state_dict, plain_state_dict
+from darec.train import distributed
 from darec.train.config import TrainConfig
 from darec.train.metrics import evaluate_predictions
+from darec.train.ranking import LogitGradients, RankingLoss, ranking_loss
 
 __all__ = ["train", "train_step", "evaluate", "predict", "model_config_for", "resolve_device", "Optimizers",
            "RowSparseAdam", "regularised_weights", "learning_rate", "fit_temperature", "environment",
-           "claim_run_dir", "RUN_MARKER", "TEST_LOGITS"]
+           "claim_run_dir", "RUN_MARKER", "TEST_LOGITS", "ranking_of", "groups_sets", "objective"]
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +97,11 @@ class Optimizers:
 
     def __init__(self, model: torch.nn.Module, config: TrainConfig, device: torch.device) -> None:
         fused = device.type == "cuda"
-        if config.sparse_optimizer:
+        in_backward = fused_parameter_ids(model)  # torchrec tables: fbgemm updates them inside backward
+        if in_backward:
+            self.all = [torch.optim.Adam([p for p in model.parameters() if id(p) not in in_backward], lr=config.lr,
+                                         fused=fused), model.fused_optimizer]
+        elif config.sparse_optimizer:
             embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
             for module in embeddings:
                 module.sparse = True
@@ -144,6 +151,7 @@ class Optimizers:
 def regularised_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     """The reference regularises every weight except biases and embedding tables."""
     embedding_ids = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
+    embedding_ids |= fused_parameter_ids(model)
     return [p for name, p in model.named_parameters() if "bias" not in name and id(p) not in embedding_ids]
 
 
@@ -170,7 +178,8 @@ def predict(model: TwoStageModel, loader: BatchLoader, *, device: torch.device,
         cats.append(batch.target_category)
     model.train(was_training)
     cat = lambda xs: torch.cat(xs).cpu().numpy()  # noqa: E731
-    return {"logits": cat(logits), "labels": cat(labels), "users": cat(users), "categories": cat(cats)}
+    local = {"logits": cat(logits), "labels": cat(labels), "users": cat(users), "categories": cat(cats)}
+    return distributed.gather_predictions(local, loader, distributed.current())  # all ranks' rows
 
 
 def evaluate(model: TwoStageModel, loader: BatchLoader, *, device: torch.device,
@@ -180,21 +189,51 @@ def evaluate(model: TwoStageModel, loader: BatchLoader, *, device: torch.device,
                                 categories=p["categories"])
 
 
+def ranking_of(config: TrainConfig) -> tuple[RankingLoss, float]:
+    """The ranking term and its weight: the config's, or the preset's when the config says null."""
+    kind = config.ranking_loss
+    if kind is None:
+        kind = PRESETS[config.preset].train.get("ranking_loss", "none") if config.preset in PRESETS else "none"
+    return kind, (config.ranking_weight if kind != "none" else 0.0)
+
+
+def groups_sets(config: TrainConfig, model: TwoStageModel) -> bool:
+    """Whether training batches hold whole candidate sets (`batching`, or what the model and loss need)."""
+    if config.batching is not None:
+        return config.batching == "sets"
+    return model.uses_candidate_sets or ranking_of(config)[1] > 0
+
+
+def objective(out: Any, batch: Any, *, config: TrainConfig, l2_weights: list[torch.nn.Parameter]) -> torch.Tensor:
+    """BCE of the main head + aux_weight * BCE of the aux head + the ranking term (if any) + L2."""
+    loss = F.binary_cross_entropy_with_logits(out.logit.float(), batch.label)
+    if out.aux_logit is not None:
+        loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(
+            out.aux_logit.float(), batch.label)
+    kind, weight = ranking_of(config)
+    if weight > 0:
+        loss = loss + weight * ranking_loss(kind, out.logit.float(), batch.label, *batch.set_ids())
+    if config.l2 > 0:
+        loss = loss + config.l2 * torch.stack([w.pow(2).sum() for w in l2_weights]).sum()
+    return loss
+
+
 def train_step(forward: torch.nn.Module, batch: Any, *, optimizers: Optimizers, config: TrainConfig,
-               l2_weights: list[torch.nn.Parameter], device: torch.device) -> torch.Tensor:
-    """One optimisation step (forward, main + aux + L2 loss, backward, clip, update); returns the detached loss.
+               l2_weights: list[torch.nn.Parameter], device: torch.device,
+               probe: LogitGradients | None = None) -> torch.Tensor:
+    """One optimisation step (forward, `objective`, backward, clip, update); returns the detached loss.
+    `probe` records the gradient of the loss at the main head's logits.
 
     Shared by `train` and benchmarks/train_throughput.py, so the benchmark measures this exact path."""
     with _autocast(device, config.precision):
         out = forward(batch)
-        loss = F.binary_cross_entropy_with_logits(out.logit.float(), batch.label)
-        if out.aux_logit is not None:
-            loss = loss + config.aux_weight * F.binary_cross_entropy_with_logits(
-                out.aux_logit.float(), batch.label)
-        if config.l2 > 0:
-            loss = loss + config.l2 * torch.stack([w.pow(2).sum() for w in l2_weights]).sum()
+        if probe is not None:
+            out.logit.retain_grad()
+        loss = objective(out, batch, config=config, l2_weights=l2_weights)
     optimizers.zero_grad()
     loss.backward()
+    if probe is not None:
+        probe.add(out.logit.grad, batch.label)
     if config.grad_clip is not None:
         optimizers.clip_grad_norm(config.grad_clip)
     optimizers.step()
@@ -221,8 +260,10 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 def environment(config: TrainConfig, device: torch.device) -> dict[str, Any]:
     """What besides the configuration decides a run's numbers: CPU kernels reduce in a thread-dependent
     order, so the same seed gives bit-identical results only for the same threads, torch and device."""
-    return {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "device": str(device),
-            "deterministic": config.deterministic}
+    env = {"threads": torch.get_num_threads(), "torch": str(torch.__version__), "device": str(device),
+           "deterministic": config.deterministic}
+    world_size = distributed.current().world_size
+    return env if world_size == 1 else {**env, "world_size": world_size}
 
 
 def _rng_state() -> dict[str, Any]:
@@ -289,10 +330,12 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     dataset = data if isinstance(data, PreparedDataset) else PreparedDataset.open(data)
     out_dir = Path(out_dir)
     device = resolve_device(config.device)
+    cluster = distributed.setup(device)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    env = environment(config, device)
-    claim_run_dir(out_dir, {"darec_run": 1, "config": config.to_dict(), "environment": env})
+    env = environment(config, device)  # the same on every rank
+    device = cluster.device(device)
+    cluster.on_main(lambda: claim_run_dir(out_dir, {"darec_run": 1, "config": config.to_dict(), "environment": env}))
     model_config = model_config_for(dataset, config)
     max_len = model_config.max_len
 
@@ -301,24 +344,31 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     torch.manual_seed(config.seed)
     model = build_model(model_config).to(device)
+    if config.embedding_backend == "torchrec":
+        model = distributed.shard_tables(model, config, device, cluster)
     optimizers = Optimizers(model, config, device)
-    forward = torch.compile(model) if config.compile else model
+    forward = distributed.wrap(model, device, cluster)
+    forward = torch.compile(forward) if config.compile else forward
     l2_weights = regularised_weights(model)
     train_loader = BatchLoader(dataset, "train", batch_size=config.batch_size, shuffle=True,
-                               seed=config.seed, max_len=max_len, device=device)
+                               seed=config.seed, max_len=max_len, device=device,
+                               group_sets=groups_sets(config, model), shard=cluster.shard)
     val_loader = BatchLoader(dataset, "val", batch_size=config.eval_batch_size, shuffle=False,
-                             seed=0, max_len=max_len, device=device)
+                             seed=0, max_len=max_len, device=device, group_sets=model.uses_candidate_sets,
+                             shard=cluster.shard)
+    probe = LogitGradients() if config.record_logit_gradients else None
     steps_per_epoch = len(train_loader)
     eval_every = config.eval_every or max(1, steps_per_epoch // 4)
     total_steps = steps_per_epoch * config.epochs
 
     state = {"step": 0, "epoch": 0, "batch": 0, "best_value": None, "best_step": 0, "evals_since_best": 0,
              "early_stopped": False, "curve": [], "train_time": 0.0, "samples": 0}
-    ckpt_path = out_dir / "checkpoint.pt"
-    if resume and ckpt_path.exists():
-        ckpt = load_checkpoint(ckpt_path, map_location=device,
-                               keys=("config", "environment", "model", "optimizer", "state", "rng"))
-        if ckpt["config"] != config.to_dict() or ckpt["environment"] != env:
+    saved = distributed.load_run_checkpoint(
+        out_dir, map_location=device, keys=("config", "environment", "model", "optimizer", "state", "rng"),
+        live={"model": model.state_dict(), "optimizer": optimizers.state_dict()}) if resume else None
+    if saved is not None:
+        ckpt_path, ckpt = saved
+        if ckpt["config"] != config.to_dict() or not distributed.resumable(ckpt["environment"], env):
             raise ConfigError(f"{ckpt_path} was written by another configuration or environment (threads, torch, "
                               "device); use a new --out or --no-resume")
         model.load_state_dict(ckpt["model"])
@@ -329,12 +379,13 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     selection = _Selection(config.select_metric, state)
 
     def checkpoint() -> None:
-        save_checkpoint(ckpt_path, {"config": config.to_dict(), "environment": env,
-                                    "model_config": model_config.to_dict(), "model": model.state_dict(),
-                                    "optimizer": optimizers.state_dict(), "state": state, "rng": _rng_state()})
+        distributed.save_run_checkpoint(out_dir, {
+            "config": config.to_dict(), "environment": env, "model_config": model_config.to_dict(),
+            "model": model.state_dict(), "optimizer": optimizers.state_dict(), "state": state,
+            "rng": _rng_state()}, cluster)
 
     model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], disable=not progress, leave=False,
+    bar = tqdm(total=total_steps, initial=state["step"], disable=not progress or not cluster.is_main, leave=False,
                desc=f"{config.preset} d={model_config.dim} seed={config.seed}", unit="step")
     interrupted = False
     try:
@@ -343,22 +394,25 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
         for epoch, index, batch in steps:
             optimizers.set_lr(learning_rate(config, state["step"], total_steps))
             loss = train_step(forward, batch, optimizers=optimizers, config=config, l2_weights=l2_weights,
-                              device=device)
+                              device=device, probe=probe)
             window_loss = window_loss + loss  # stays on the device: no sync per step
             window_n += 1
-            state.update(step=state["step"] + 1, samples=state["samples"] + len(batch))
+            state.update(step=state["step"] + 1, samples=state["samples"] + cluster.rows(len(batch)))
             state["epoch"], state["batch"] = (epoch, index + 1) if index + 1 < steps_per_epoch else (epoch + 1, 0)
             bar.update(1)
             if state["step"] % eval_every == 0 or state["step"] == total_steps:
                 state["train_time"] += time.perf_counter() - tick
                 metrics = evaluate(model, val_loader, device=device, precision=config.precision)
                 state["curve"].append({"step": state["step"], "epoch": epoch,
-                                       "train_loss": float(window_loss) / max(window_n, 1),
-                                       **{f"val_{k}": v for k, v in metrics.items() if k != "n"}})
+                                       "train_loss": cluster.mean(window_loss) / max(window_n, 1),
+                                       **{f"val_{k}": v for k, v in metrics.items() if k != "n"},
+                                       **(probe.flush() if probe is not None else {})})
                 window_loss, window_n = 0.0, 0
                 if selection.update(metrics, state["step"]):
-                    save_checkpoint(out_dir / "best.pt", {"model_config": model_config.to_dict(),
-                                                          "model": model.state_dict(), "step": state["step"]})
+                    weights = plain_state_dict(model)  # sharded tables are gathered: every rank takes part
+                    if cluster.is_main:
+                        save_checkpoint(out_dir / "best.pt", {"model_config": model_config.to_dict(),
+                                                              "model": weights, "step": state["step"]})
                 bar.set_postfix(val_auc=f"{metrics['auc']:.4f}", val_logloss=f"{metrics['logloss']:.4f}")
                 state["early_stopped"] = (config.patience is not None
                                           and state["evals_since_best"] >= config.patience)
@@ -378,7 +432,8 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
         raise
     finally:
         bar.close()
-    _write_curve(out_dir / "curve.csv", state["curve"])
+    if cluster.is_main:
+        _write_curve(out_dir / "curve.csv", state["curve"])
     if interrupted:
         return {"finished": False, "step": state["step"]}
     return _finish(model, dataset, config, model_config, state, env, out_dir, device)
@@ -387,10 +442,14 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
 def _finish(model: TwoStageModel, dataset: PreparedDataset, config: TrainConfig, model_config: ModelConfig,
             state: dict[str, Any], env: dict[str, Any], out_dir: Path, device: torch.device) -> dict[str, Any]:
     """Reload the best checkpoint, fit the temperature on validation if asked, test, write result.json."""
+    cluster = distributed.current()
+    cluster.barrier()  # best.pt is written by rank 0
     best = load_checkpoint(out_dir / "best.pt", map_location=device, keys=("model",))
-    model.load_state_dict(best["model"])
+    load_plain_state_dict(model, best["model"])
     loaders = {split: BatchLoader(dataset, split, batch_size=config.eval_batch_size, shuffle=False, seed=0,
-                                  max_len=model_config.max_len, device=device) for split in ("val", "test")}
+                                  max_len=model_config.max_len, device=device, group_sets=model.uses_candidate_sets,
+                                  shard=cluster.shard)
+               for split in ("val", "test")}
     preds = {split: predict(model, loader, device=device, precision=config.precision)
              for split, loader in loaders.items()}
     temperature = fit_temperature(preds["val"]["logits"], preds["val"]["labels"]) if config.temperature_scaling else 1.0
@@ -399,7 +458,8 @@ def _finish(model: TwoStageModel, dataset: PreparedDataset, config: TrainConfig,
         p["logits"] = (p["logits"] / temperature).astype(np.float32)
         scores[split] = evaluate_predictions(labels=p["labels"], logits=p["logits"], users=p["users"],
                                              categories=p["categories"])
-    np.save(out_dir / TEST_LOGITS, preds["test"]["logits"], allow_pickle=False)
+    if cluster.is_main:
+        np.save(out_dir / TEST_LOGITS, preds["test"]["logits"], allow_pickle=False)
     result = {
         "finished": True, "config": config.to_dict(), "model_config": model_config.to_dict(),
         "dataset": dataset.manifest.get("content_sha256"), "environment": env, "device": env["device"],
@@ -409,7 +469,8 @@ def _finish(model: TwoStageModel, dataset: PreparedDataset, config: TrainConfig,
         "train_seconds": state["train_time"],
         "train_samples_per_s": state["samples"] / max(state["train_time"], 1e-9),
     }
-    write_json(out_dir / "result.json", result)
+    if cluster.is_main:
+        write_json(out_dir / "result.json", result)
     log.info("%s dim=%d seed=%d: best validation %s at step %d; test AUC %.4f, logloss %.4f", config.preset,
              model_config.dim, config.seed, config.select_metric, state["best_step"], scores["test"]["auc"],
              scores["test"]["logloss"])
