@@ -32,7 +32,7 @@ from typing import Any
 
 from darec.errors import DataError
 
-__all__ = ["atomic_dir", "atomic_file", "write_json", "write_text", "check_output_dir", "clean_leftovers",
+__all__ = ["relative_files", "atomic_dir", "atomic_file", "write_json", "write_text", "check_output_dir", "clean_leftovers",
            "recover_swap", "fault_point", "FAULT_ENV", "FAULT_PHASES"]
 
 FAULT_ENV = "DAREC_FAULT_AT"
@@ -262,3 +262,14 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def relative_files(root: Path) -> set[str]:
+    """Every entry under `root` that is not a real sub-folder (files, links, …), as posix paths: what a
+    darec-written folder's manifest lists, so a folder holding anything else is not treated as ours."""
+    found = set()
+    for folder, dirs, files in os.walk(root):
+        here = Path(folder).relative_to(root)
+        found.update((here / name).as_posix() for name in files)
+        found.update((here / name).as_posix() for name in dirs if os.path.islink(os.path.join(folder, name)))
+    return found

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,7 @@ from darec import __version__
 from darec.data.id_maps import FIRST_ID, ID_FILES, ID_KINDS, IdMaps, check_id_map_rows, write_id_maps
 from darec.data.protocol import SAMPLE_DTYPE, SPLITS, PreparedArrays
 from darec.errors import DataError
-from darec.io import atomic_dir, fault_point, recover_swap, write_json
+from darec.io import atomic_dir, fault_point, recover_swap, relative_files, write_json
 
 __all__ = ["FORMAT_VERSION", "PreparedDataset", "write_prepared", "content_hash", "is_prepared_dir", "FEATURE_DIRS",
            "FEATURE_IDS_DIR"]
@@ -85,16 +84,6 @@ def content_hash(arrays: dict[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
-def _relative_files(root: Path) -> set[str]:
-    """Every entry under `root` that is not a real sub-folder (files, links, …), as posix paths."""
-    found = set()
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder).relative_to(root)
-        found.update((here / name).as_posix() for name in files)
-        found.update((here / name).as_posix() for name in dirs if os.path.islink(os.path.join(folder, name)))
-    return found
-
-
 def write_prepared(out: str | Path, prepared: PreparedArrays, *, manifest: dict[str, Any],
                    extra: Callable[[Path, PreparedArrays], dict[str, Any] | None] | None = None,
                    overwrite: bool = False, protect: Sequence[str | Path] = (),
@@ -132,7 +121,7 @@ def write_prepared(out: str | Path, prepared: PreparedArrays, *, manifest: dict[
         })
         if extra is not None:
             full.update(extra(tmp, prepared) or {})
-        full["files"] = sorted(_relative_files(tmp))
+        full["files"] = sorted(relative_files(tmp))
         write_json(tmp / _MANIFEST, full)
     return Path(out)
 
@@ -165,7 +154,7 @@ def is_prepared_dir(path: Path) -> bool:
             and isinstance(manifest.get("content_sha256"), str) and "darec_version" in manifest):
         return False
     listed = manifest.get("files")
-    return listed is None or (isinstance(listed, list) and _relative_files(path) <= {*map(str, listed), _MANIFEST})
+    return listed is None or (isinstance(listed, list) and relative_files(path) <= {*map(str, listed), _MANIFEST})
 
 
 class _SplitCounts(BaseModel):

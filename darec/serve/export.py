@@ -26,7 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import shutil
 import re
 import time
@@ -40,7 +39,7 @@ from tqdm import tqdm
 
 from darec import __version__
 from darec.errors import ConfigError, DataError
-from darec.io import atomic_dir, write_json
+from darec.io import atomic_dir, relative_files, write_json
 from darec.serve.history import DEFAULT_MAX_SCORES, History, resolve_candidates, user_chunks
 from darec.serve.program_check import INPUT_NAMES, check_program
 
@@ -132,7 +131,7 @@ def export_model(model: TwoStageModel, out: str | Path, *, preset: str | None = 
             shutil.copyfile(src, tmp / rel)
         manifest = {"darec_export": FORMAT_VERSION, "darec_version": __version__,
                     "files": {rel: {"sha256": _sha256(tmp / rel), "size": (tmp / rel).stat().st_size}
-                              for rel in sorted(_files_under(tmp))},
+                              for rel in sorted(relative_files(tmp))},
                     "onnx": onnx_note}
         write_json(tmp / MANIFEST, manifest)
         bar.update()
@@ -397,7 +396,7 @@ def is_export_dir(path: Path) -> bool:
         manifest = _read_manifest(path)
     except DataError:
         return False
-    return _files_under(path) <= {*manifest["files"], MANIFEST}
+    return relative_files(path) <= {*manifest["files"], MANIFEST}
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:
@@ -527,16 +526,6 @@ def _sha256(file: Path) -> str:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _files_under(root: Path) -> set[str]:
-    """Every non-folder entry under `root` (files, links), as posix paths relative to it."""
-    found = set()
-    for folder, dirs, files in os.walk(root):
-        here = Path(folder).relative_to(root)
-        found.update((here / name).as_posix() for name in files)
-        found.update((here / name).as_posix() for name in dirs if os.path.islink(os.path.join(folder, name)))
-    return found
 
 
 def _first_line(err: BaseException) -> str:
