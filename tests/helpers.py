@@ -1,4 +1,4 @@
-"""Small builders shared by tests: random batches with known padding, file-tree snapshots."""
+"""Small builders shared by tests: random batches with known padding, tiny saved models, file-tree snapshots."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,21 @@ from pathlib import Path
 
 import torch
 
+from darec.checkpoint import save_checkpoint
 from darec.data.batch import Batch
+
+
+def tiny_dare_checkpoint(path: Path, dataset, *, max_len: int, init_std: float = 0.2):
+    """Save an untrained, seeded tiny DARE model (K_A 4, K_R 8) for `dataset`'s vocabularies as a checkpoint
+    at `path` (e.g. RUN/best.pt) and return it in eval mode: serving tests need weights, not training."""
+    from darec.models import build_model, preset_config
+
+    torch.manual_seed(0)
+    config = preset_config("dare", n_items=dataset.n_items, n_categories=dataset.n_categories, max_len=max_len,
+                           attention_dim=4, dim=8, init_std=init_std)
+    model = build_model(config).eval()
+    save_checkpoint(path, {"model_config": config.to_dict(), "model": model.state_dict(), "step": 1})
+    return model
 
 
 def random_batch(*, batch_size: int = 16, length: int = 30, n_items: int = 50, n_categories: int = 6,

@@ -15,12 +15,11 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from darec.checkpoint import save_checkpoint
 from darec.cli import main
 from darec.data.batch import Batch
 from darec.data.store import PreparedDataset
-from darec.models import build_model, preset_config
 from darec.serve.app import SETTINGS_ENV, IntId, ScoreRequest, StrId, app_from_environment, create_app
+from tests.helpers import tiny_dare_checkpoint
 
 with warnings.catch_warnings():  # starlette asks for httpx2, which is not needed here
     warnings.filterwarnings("ignore", message=".*httpx2")
@@ -33,12 +32,8 @@ MAX_LEN = 50
 def served(tiny_planted_dir, tmp_path_factory):
     """A tiny untrained DARE model (max_len 50 < every stored history) saved as a run directory."""
     dataset = PreparedDataset.open(tiny_planted_dir)
-    torch.manual_seed(0)
-    config = preset_config("dare", n_items=dataset.n_items, n_categories=dataset.n_categories, max_len=MAX_LEN,
-                           attention_dim=4, dim=8, init_std=0.2)
-    model = build_model(config).eval()
     run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "best.pt", {"model_config": config.to_dict(), "model": model.state_dict(), "step": 1})
+    model = tiny_dare_checkpoint(run / "best.pt", dataset, max_len=MAX_LEN)
     return model, run, tiny_planted_dir, dataset
 
 

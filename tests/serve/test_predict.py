@@ -6,12 +6,11 @@ import polars as pl
 import pytest
 import torch
 
-from darec.checkpoint import save_checkpoint
 from darec.cli import main
 from darec.data.store import PreparedDataset
-from darec.models import build_model, preset_config
 from darec.serve import predict as predict_module
 from darec.serve.scorer import History, Scorer
+from tests.helpers import tiny_dare_checkpoint
 
 MAX_LEN = 12
 
@@ -20,12 +19,8 @@ MAX_LEN = 12
 def run_dir(tiny_planted_dir, tmp_path_factory):
     """A `darec train`-like run directory holding a randomly initialised tiny DARE model as best.pt."""
     dataset = PreparedDataset.open(tiny_planted_dir)
-    torch.manual_seed(0)
-    config = preset_config("dare", n_items=dataset.n_items, n_categories=dataset.n_categories, max_len=MAX_LEN,
-                           attention_dim=4, dim=8, init_std=0.3)
     run = tmp_path_factory.mktemp("run")
-    save_checkpoint(run / "best.pt", {"model_config": config.to_dict(), "model": build_model(config).state_dict(),
-                                      "step": 1})
+    tiny_dare_checkpoint(run / "best.pt", dataset, max_len=MAX_LEN, init_std=0.3)
     return run
 
 

@@ -8,21 +8,15 @@ import numpy as np
 import polars as pl
 import torch
 
-from darec.checkpoint import save_checkpoint
 from darec.cli import main
 from darec.data.batch import Batch
 from darec.data.store import PreparedDataset
-from darec.models import build_model, preset_config
+from tests.helpers import tiny_dare_checkpoint
 
 
 def _checkpoint(tmp_path, dataset: PreparedDataset, *, max_len: int = 50):
-    torch.manual_seed(0)
-    config = preset_config("dare", n_items=dataset.n_items, n_categories=dataset.n_categories, max_len=max_len,
-                           attention_dim=4, dim=8, init_std=0.2)
-    model = build_model(config).eval()
     path = tmp_path / "best.pt"
-    save_checkpoint(path, {"model_config": config.to_dict(), "model": model.state_dict(), "step": 1})
-    return model, path
+    return tiny_dare_checkpoint(path, dataset, max_len=max_len), path
 
 
 def _ids(data, kind: str) -> pl.DataFrame:
