@@ -31,8 +31,9 @@ from typing_extensions import TypeAliasType
 
 from darec.data.id_maps import ID_KINDS, IdMaps, UnknownPolicy
 from darec.data.store import PreparedDataset
-from darec.errors import ConfigError, DataError
-from darec.serve.scorer import History, Scorer
+from darec.errors import DataError
+from darec.serve.predict import load_scorer
+from darec.serve.scorer import History
 
 __all__ = ["ServeSettings", "ScoreRequest", "ScoreResponse", "IntId", "StrId", "create_app", "app_from_environment",
            "SETTINGS_ENV"]
@@ -135,18 +136,11 @@ class _Model:
     """Everything a request needs, loaded once per process and only read afterwards (thread-safe)."""
 
     def __init__(self, settings: ServeSettings) -> None:
-        from darec.train.trainer import resolve_device
-
         self.settings = settings
         self.dataset = PreparedDataset.open(settings.data)
         self.ids = IdMaps.open(settings.data)
-        self.scorer = Scorer.load(_checkpoint_file(settings.checkpoint), device=resolve_device(settings.device))
+        self.scorer = load_scorer(settings.checkpoint, self.dataset, device=settings.device)
         config = self.scorer.config
-        for what in ("n_items", "n_categories"):
-            trained, here = getattr(config, what), getattr(self.dataset, what)
-            if trained != here:
-                raise ConfigError(f"checkpoint {settings.checkpoint} was trained with {what}={trained}, dataset "
-                                  f"{settings.data} has {here}: serve with the dataset the model was trained on")
         self.item_categories = np.asarray(self.dataset.item_categories, dtype=np.int64)  # (n_items,), small
         self.max_len = config.max_len
         id_types = [IntId if self.ids.raw_dtype(kind) == pl.Int64 else StrId for kind in ID_KINDS]
@@ -219,15 +213,6 @@ class _Model:
             order = np.argsort(np.asarray(history.timestamps, dtype=np.float64), kind="stable")
             items, categories = items[order], categories[order]
         return items[-self.max_len:], categories[-self.max_len:]
-
-
-def _checkpoint_file(path: Path) -> Path:
-    """A checkpoint file, or a `darec train` run directory (its best.pt)."""
-    if path.is_dir():
-        if not (path / "best.pt").is_file():
-            raise DataError("run directory has no best.pt; pass the checkpoint file itself", path=path)
-        return path / "best.pt"
-    return path
 
 
 class BodyLimit:
