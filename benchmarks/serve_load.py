@@ -1,11 +1,13 @@
 """Load test of `darec serve`: a real uvicorn process on loopback, concurrent clients, bounded run.
 
-For each model (by default DARE with K_A = K_R / 4, then TWIN with K_A = K_R, same data and shapes) it
-starts `darec serve` on a free 127.0.0.1 port, waits for /healthz, sends --warmup requests, then
---requests valid requests (--candidates candidates against histories of --history behaviours) from
---concurrency concurrent keep-alive clients, then --malformed requests cycling through every class of bad
-request; it records throughput, latency percentiles, status counts, the server's peak resident memory
-(VmHWM) and whether /healthz still answers, and stops the server. Nothing outside loopback is touched.
+For each model (by default DARE with K_A = K_R / 4 and TWIN with K_A = K_R, same data and shapes) it
+starts `darec serve` on a free 127.0.0.1 port (all of them at once), waits for /healthz and sends each
+--warmup requests; then --requests valid requests (--candidates candidates against histories of
+--history behaviours) from --concurrency concurrent keep-alive clients, in --blocks blocks with the
+models taking turns block by block (a change of the machine's load hits them alike); then --malformed
+requests cycling through every class of bad request. It records throughput, latency percentiles, status
+counts, the mean batch the server scored, CPU per request, the server's peak resident memory (VmHWM)
+and whether /healthz still answers, and stops the servers. Nothing outside loopback is touched.
 
 Without --checkpoint/--data it builds what it needs under a temporary folder: a planted synthetic dataset
 whose users all have >= --history behaviours and untrained models of the same shapes (latency does not
@@ -267,7 +269,8 @@ def _serve(checkpoint: Path, data: Path, args: argparse.Namespace) -> tuple[subp
     command = [sys.executable, "-m", "darec", "serve", "--checkpoint", str(checkpoint), "--data", str(data),
                "--port", str(port), "--threads", str(args.server_threads), "--max-candidates",
                str(args.max_candidates), "--max-history", str(args.max_history),
-               "--max-body-bytes", str(args.max_body_bytes), "--concurrency", str(args.server_concurrency),
+               "--max-body-bytes", str(args.max_body_bytes), "--max-batch", str(args.max_batch),
+               "--batch-wait-ms", str(args.batch_wait_ms),
                "--workers", str(args.workers), "--no-access-log"]
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -304,8 +307,8 @@ def _summary(results: list[tuple[str, float, int]], seconds: float) -> dict[str,
 
 
 def _breakdown(checkpoint: Path, data: Path, call: Call, threads: int, repeats: int = 200) -> dict[str, float]:
-    """CPU ms per phase of one valid request, in this process (one thread): what the server spends
-    beyond their sum goes to uvicorn, FastAPI's routing and the thread hand-off."""
+    """CPU ms per phase of one valid request scored alone, in this process (one thread): what the server
+    spends beyond their sum goes to uvicorn, FastAPI's routing and the hand-off to the scoring thread."""
     from darec.data.id_maps import IdMaps
     from darec.serve.app import create_app
     from darec.serve.scorer import History
@@ -319,7 +322,8 @@ def _breakdown(checkpoint: Path, data: Path, call: Call, threads: int, repeats: 
     history = History.left_pad([np.asarray(dataset.items[lo:hi])], [np.asarray(dataset.categories[lo:hi])])
     items = torch.from_numpy(ids.encode("item", request.candidates.items))
     categories = torch.from_numpy(np.asarray(dataset.item_categories, dtype=np.int64)[items.numpy()])
-    response = model.score(request)
+    encoded = model.encode(request)
+    probs = model.scorer.score(history, items, categories)[0].numpy().astype(np.float64)
 
     def cpu_ms(fn) -> float:
         fn()
@@ -333,8 +337,9 @@ def _breakdown(checkpoint: Path, data: Path, call: Call, threads: int, repeats: 
             "encode_candidate_ids": cpu_ms(lambda: ids.encode("item", request.candidates.items)),
             "scorer": cpu_ms(lambda: model.scorer.score(history, items, categories)),
             "scorer_search_stage": cpu_ms(lambda: model.scorer.search(history, items, categories)),
-            "response_json": cpu_ms(response.model_dump_json),
-            "endpoint_total": cpu_ms(lambda: model.score(request))}
+            "encode_request": cpu_ms(lambda: model.encode(request)),
+            "response_json": cpu_ms(lambda: encoded.reply(probs)),
+            "endpoint_total": cpu_ms(lambda: model.score_batch([model.encode(request)]))}
 
 
 def _scorer_interleaved(checkpoints: dict[str, Path], data: Path, args: argparse.Namespace, *, blocks: int = 30,
@@ -367,45 +372,84 @@ def _scorer_interleaved(checkpoints: dict[str, Path], data: Path, args: argparse
                    for stat, fn in (("median", np.median), ("min", np.min))} for name in scorers}
 
 
-def _load_test(name: str, checkpoint: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
+class _Meter:
+    """What one server did over the blocks of valid requests it was sent: the replies, the seconds they
+    took, and the CPU seconds of the server (all threads; its event-loop thread), of this client and of the
+    whole machine meanwhile, summed over the blocks."""
+
+    def __init__(self, pid: int, base: str) -> None:
+        self.pid, self.base = pid, base
+        self.results: list[tuple[str, float, int]] = []
+        self.totals = Counter()
+
+    def _readings(self) -> Counter:
+        batching = httpx.get(f"{self.base}/healthz").json()["batching"]
+        return Counter({"seconds": time.perf_counter(), "server": _cpu_seconds(self.pid),
+                        "loop": _cpu_seconds(self.pid, thread=self.pid), "client": time.process_time(),
+                        "machine": _machine_busy_seconds(), "batches": batching["batches"],
+                        "requests": batching["requests"]})
+
+    def run(self, calls: list[Call], args: argparse.Namespace, label: str) -> None:
+        before = self._readings()
+        self.results += asyncio.run(_drive(self.base, calls, args.concurrency, label, args.candidates))
+        after = self._readings()
+        self.totals.update({key: after[key] - before[key] for key in after})
+
+    def summary(self, workers: int) -> dict[str, Any]:
+        t, n = self.totals, len(self.results)
+        out = _summary(self.results, t["seconds"])
+        out["cpu_ms_per_request"] = {"server": t["server"] * 1e3 / n, "client": t["client"] * 1e3 / n}
+        if workers == 1:  # one process: its batch counts and its event loop's share (HTTP, FastAPI, id encoding)
+            out["mean_batch"] = t["requests"] / t["batches"]
+            out["cpu_ms_per_request"]["server_event_loop_thread"] = t["loop"] * 1e3 / n
+        # cores kept busy meanwhile by everything else on the machine (other users' jobs)
+        out["other_processes_cores"] = (t["machine"] - t["server"] - t["client"]) / t["seconds"]
+        out["by_kind"] = {kind: _summary([r for r in self.results if r[0] == kind], t["seconds"])["latency_ms"]
+                          for kind in sorted({r[0] for r in self.results})}
+        return out
+
+
+def _load_tests(checkpoints: dict[str, Path], data: Path, args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Every model's server runs at once (an idle one costs nothing); the valid requests go in --blocks
+    blocks, the models taking turns block by block, so that a change of the machine's load hits them
+    alike. Then each server gets the malformed requests and is asked /healthz."""
     valid = _valid_calls(data, args, args.requests + args.warmup, seed=1)
     malformed = _malformed_calls(data, args, args.malformed)
-    breakdown = _breakdown(checkpoint, data, next(c for c in valid if c.kind == "user"), args.server_threads)
-    server, base = _serve(checkpoint, data, args)
+    user_call = next(c for c in valid if c.kind == "user")
+    breakdowns = {name: _breakdown(ckpt, data, user_call, args.server_threads) for name, ckpt in checkpoints.items()}
+    servers: dict[str, tuple[subprocess.Popen, str]] = {}
     try:
-        info = httpx.get(f"{base}/healthz").json()
-        asyncio.run(_drive(base, valid[:args.warmup], args.concurrency, f"{name} warm-up"))
-        start, server_cpu, client_cpu, busy = (time.perf_counter(), _cpu_seconds(server.pid), time.process_time(),
-                                               _machine_busy_seconds())
-        loop_cpu = _cpu_seconds(server.pid, thread=server.pid)
-        results = asyncio.run(_drive(base, valid[args.warmup:], args.concurrency, f"{name} valid", args.candidates))
-        valid_summary = _summary(results, time.perf_counter() - start)
-        server_cpu, client_cpu = _cpu_seconds(server.pid) - server_cpu, time.process_time() - client_cpu
-        valid_summary["cpu_ms_per_request"] = {"server": server_cpu * 1e3 / len(results),
-                                               "client": client_cpu * 1e3 / len(results)}
-        if args.workers == 1:  # the event loop's share: HTTP parsing, FastAPI, validation, the thread hand-off
-            valid_summary["cpu_ms_per_request"]["server_event_loop_thread"] = (
-                (_cpu_seconds(server.pid, thread=server.pid) - loop_cpu) * 1e3 / len(results))
-        # cores kept busy meanwhile by everything else on the machine (other users' jobs)
-        valid_summary["other_processes_cores"] = ((_machine_busy_seconds() - busy - server_cpu - client_cpu)
-                                                  / valid_summary["seconds"])
-        valid_summary["by_kind"] = {kind: _summary([r for r in results if r[0] == kind], valid_summary["seconds"])
-                                    ["latency_ms"] for kind in sorted({r[0] for r in results})}
-        start = time.perf_counter()
-        bad = asyncio.run(_drive(base, malformed, args.concurrency, f"{name} malformed"))
-        expected = {call.kind: call.expect for call in malformed}
-        by_class = {kind: dict(Counter(str(r[2]) for r in bad if r[0] == kind)) for kind in expected}
-        health = httpx.get(f"{base}/healthz", timeout=10.0)
-        return {"model": info["model"], "valid": valid_summary, "cpu_ms_per_phase_in_process": breakdown,
-                "malformed": {"requests": len(bad), "seconds": time.perf_counter() - start,
-                              "all_4xx": all(400 <= r[2] < 500 for r in bad),
-                              "wrong_status": sum(1 for r in bad if r[2] != expected[r[0]]),
-                              "server_errors": sum(1 for r in bad if r[2] >= 500 or r[2] == 0),
-                              "by_class": {k: {"expected": expected[k], "got": v} for k, v in by_class.items()}},
-                "healthz_after": health.status_code == 200 and health.json().get("status") == "ok",
-                "server_peak_rss_mib": _peak_memory_mib(server.pid)}
+        for name, checkpoint in checkpoints.items():
+            servers[name] = _serve(checkpoint, data, args)
+        meters = {}
+        for name, (server, base) in servers.items():
+            asyncio.run(_drive(base, valid[:args.warmup], args.concurrency, f"{name} warm-up"))
+            meters[name] = _Meter(server.pid, base)
+        measured = valid[args.warmup:]
+        for block in np.array_split(np.arange(len(measured)), args.blocks):
+            for name, meter in meters.items():
+                meter.run([measured[i] for i in block], args, f"{name} valid")
+        runs = {}
+        for name, (server, base) in servers.items():
+            start = time.perf_counter()
+            bad = asyncio.run(_drive(base, malformed, args.concurrency, f"{name} malformed"))
+            expected = {call.kind: call.expect for call in malformed}
+            by_class = {kind: dict(Counter(str(r[2]) for r in bad if r[0] == kind)) for kind in expected}
+            health = httpx.get(f"{base}/healthz", timeout=10.0)
+            runs[name] = {"model": health.json()["model"], "valid": meters[name].summary(args.workers),
+                          "cpu_ms_per_phase_in_process": breakdowns[name],
+                          "malformed": {"requests": len(bad), "seconds": time.perf_counter() - start,
+                                        "all_4xx": all(400 <= r[2] < 500 for r in bad),
+                                        "wrong_status": sum(1 for r in bad if r[2] != expected[r[0]]),
+                                        "server_errors": sum(1 for r in bad if r[2] >= 500 or r[2] == 0),
+                                        "by_class": {k: {"expected": expected[k], "got": v}
+                                                     for k, v in by_class.items()}},
+                          "healthz_after": health.status_code == 200 and health.json().get("status") == "ok",
+                          "server_peak_rss_mib": _peak_memory_mib(server.pid)}
+        return runs
     finally:
-        _stop(server)
+        for server, _ in servers.values():
+            _stop(server)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -415,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--presets", nargs="+", choices=["dare", "twin"], default=["dare", "twin"],
                         help="without --checkpoint: the synthetic models to build and serve, in order (default: both)")
     parser.add_argument("--requests", type=int, default=10_000)
+    parser.add_argument("--blocks", type=int, default=10,
+                        help="the valid requests are sent in this many blocks, the models taking turns")
     parser.add_argument("--malformed", type=int, default=1_000)
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--concurrency", type=int, default=32)
@@ -426,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--users", type=int, default=200)
     parser.add_argument("--items", type=int, default=4000)
     parser.add_argument("--server-threads", type=int, default=1, help="darec serve --threads")
-    parser.add_argument("--server-concurrency", type=int, default=2, help="darec serve --concurrency")
+    parser.add_argument("--max-batch", type=int, default=32, help="darec serve --max-batch")
+    parser.add_argument("--batch-wait-ms", type=float, default=0.0, help="darec serve --batch-wait-ms")
     parser.add_argument("--workers", type=int, default=1, help="darec serve --workers")
     parser.add_argument("--max-candidates", type=int, default=1000)
     parser.add_argument("--max-history", type=int, default=10_000)
@@ -442,14 +489,16 @@ def main(argv: list[str] | None = None) -> int:
             data, checkpoints = _synthetic(Path(tmp), args)
         else:
             data, checkpoints = args.data, {"served": args.checkpoint}
-        runs = {name: _load_test(name, ckpt, data, args) for name, ckpt in checkpoints.items()}
+        runs = _load_tests(checkpoints, data, args)
         interleaved = _scorer_interleaved(checkpoints, data, args) if len(checkpoints) > 1 else None
     for name, run in runs.items():
         v = run["valid"]
-        log.info("%s: %.0f req/s, p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, failed %d; CPU per request: server %.2f ms, "
+        log.info("%s: %.0f req/s, p50 %.1f ms, p90 %.1f ms, p99 %.1f ms, failed %d, mean batch %s; "
+                 "CPU per request: server %.2f ms, "
                  "client %.2f ms; other processes kept %.1f cores busy; malformed all 4xx: %s "
                  "(wrong status %d); healthz after: %s; peak RSS %.0f MiB", name, v["requests_per_s"],
                  v["latency_ms"]["p50"], v["latency_ms"]["p90"], v["latency_ms"]["p99"], v["failed"],
+                 f"{v['mean_batch']:.1f}" if "mean_batch" in v else "n/a (several workers)",
                  v["cpu_ms_per_request"]["server"], v["cpu_ms_per_request"]["client"], v["other_processes_cores"],
                  run["malformed"]["all_4xx"], run["malformed"]["wrong_status"], run["healthz_after"],
                  run["server_peak_rss_mib"])

@@ -33,10 +33,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--unknown", choices=("error", "oov"), default="error",
                    help="unknown item/category ids: error (404) or oov (padding row; candidates flagged, "
                         "history behaviours dropped). An unknown user is always 404")
-    p.add_argument("--threads", type=positive_int, default=1,
-                   help="torch CPU threads per process (default 1: concurrent requests already use the cores)")
-    p.add_argument("--concurrency", type=positive_int, default=2,
-                   help="requests scored at once per process (default 2); the others wait in line")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads per process (default 1)")
+    p.add_argument("--max-batch", type=positive_int, default=32,
+                   help="requests scored together in one model call (default 32): those that arrive while "
+                        "the model is busy form the next batch")
+    p.add_argument("--batch-wait-ms", type=_wait_ms, default=0.0,
+                   help="how long a batch waits for more requests before it is scored (default 0: it takes "
+                        "those already waiting)")
     p.add_argument("--workers", type=positive_int, default=1,
                    help="server processes, each with its own copy of the model (default 1)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false", help="do not log every request")
@@ -50,6 +53,16 @@ def _port(text: str) -> int:
     return value
 
 
+def _wait_ms(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of milliseconds, got {text!r}") from None
+    if not 0 <= value <= 1000:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1000 ms, got {text}")
+    return value
+
+
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -58,7 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = {"checkpoint": str(args.checkpoint), "data": str(args.data), "device": args.device,
                 "max_candidates": args.max_candidates, "max_history": args.max_history,
                 "max_body_bytes": args.max_body_bytes, "unknown": args.unknown, "threads": args.threads,
-                "concurrency": args.concurrency}
+                "max_batch": args.max_batch, "batch_wait_ms": args.batch_wait_ms}
     app = create_app(**settings)  # also in the parent when --workers > 1: a bad path fails here, in one line
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("binding %s: the service has no authentication; anyone who can reach the port can use it",

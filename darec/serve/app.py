@@ -1,9 +1,10 @@
 """`darec serve`: the Scorer behind HTTP, for clients that speak raw ids.
 
 One process loads the model, the prepared dataset (memory-mapped histories) and its raw-id maps once;
-every request is validated by pydantic, encoded to internal ids in a few vectorised calls and scored
-with one `Scorer` call (one user, C candidates). Scoring is CPU-bound: it runs in worker threads, at
-most `concurrency` at once, while the event loop keeps reading requests and answering /healthz.
+every request is validated by pydantic and encoded to internal ids in a few vectorised calls on the
+event loop, then queued for the one scoring thread, which scores the requests waiting together
+(`darec.serve.batching`: one `Scorer` call of U users x C candidates per batch) and renders each reply's
+JSON; the event loop keeps reading requests and answering /healthz meanwhile.
 
 A bad request is always a 4xx with a one-line `detail`, never a 500:
     422  malformed JSON, wrong types, unknown fields, lengths that disagree, empty candidates
@@ -15,16 +16,18 @@ A bad request is always a 4xx with a one-line `detail`, never a 500:
 # No `from __future__ import annotations`: the endpoint's body type is a per-dataset class FastAPI must see.
 import json
 import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
-import anyio
 import numpy as np
 import polars as pl
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import TypeAliasType
@@ -32,6 +35,7 @@ from typing_extensions import TypeAliasType
 from darec.data.id_maps import ID_KINDS, IdMaps, UnknownPolicy
 from darec.data.store import PreparedDataset
 from darec.errors import DataError
+from darec.serve.batching import MicroBatcher
 from darec.serve.predict import load_scorer
 from darec.serve.scorer import History
 
@@ -60,8 +64,9 @@ class ServeSettings(BaseModel):
     max_history: int = Field(10_000, ge=1)
     max_body_bytes: int | None = Field(None, ge=1)  # None: enough for the two lists at their limits
     unknown: UnknownPolicy = "error"
-    threads: int | None = Field(1, ge=1)  # torch threads per process; requests already run in parallel
-    concurrency: int = Field(2, ge=1)  # requests scored at once per process (threads); the others wait in line
+    threads: int | None = Field(1, ge=1)  # torch threads per process (None: leave torch's setting)
+    max_batch: int = Field(32, ge=1)  # requests scored together in one Scorer call
+    batch_wait_ms: float = Field(0.0, ge=0, le=1000)  # how long a batch waits for more requests to join
 
     @property
     def body_limit(self) -> int:
@@ -152,11 +157,14 @@ class _Model:
                           "top_k": c.top_k, "max_len": c.max_len, "n_items": c.n_items,
                           "n_categories": c.n_categories},
                 "checkpoint": s.checkpoint.name, "device": str(self.scorer.device),
+                "batching": {"max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms},
                 "users": self.dataset.n_users, "unknown": s.unknown,
                 "limits": {"max_candidates": s.max_candidates, "max_history": s.max_history,
                            "max_body_bytes": s.body_limit}}
 
-    def score(self, request: ScoreRequest) -> ScoreResponse:
+    def encode(self, request: ScoreRequest) -> "_Encoded":
+        """The request in internal ids, or the HTTPException (4xx) that refuses it: everything that can
+        be wrong with a request shows here, before it joins a batch."""
         cands = request.candidates
         if len(cands.items) > self.settings.max_candidates:
             raise HTTPException(413, f"{len(cands.items)} candidates, at most {self.settings.max_candidates}")
@@ -167,16 +175,37 @@ class _Model:
         categories = self._item_categories(items, cands.categories, "candidates.categories")
         hist_items, hist_categories = (self._stored_history(request.user) if request.history is None
                                        else self._given_history(request.history))
-        n = len(hist_items)
-        history = History.left_pad([hist_items], [hist_categories], length=max(1, n))  # 1 masked slot if empty
-        probs = self.scorer.score(history, torch.from_numpy(items), torch.from_numpy(categories))[0]
-        probs = probs.cpu().numpy().astype(np.float64)
-        best = np.argsort(-probs, kind="stable")[:request.top_k]
-        raw = np.asarray(cands.items, dtype=object)
-        return ScoreResponse(scores=probs.tolist(), top=TopCandidates(items=raw[best].tolist(),
-                                                                      scores=probs[best].tolist()),
-                             history_length=int(np.count_nonzero(hist_items)),
-                             unknown_candidates=raw[~known].tolist())
+        return _Encoded(hist_items=hist_items, hist_categories=hist_categories, cand_items=items,
+                        cand_categories=categories, raw_candidates=np.asarray(cands.items, dtype=object),
+                        known=known, top_k=request.top_k)
+
+    def score_batch(self, batch: Sequence["_Encoded"]) -> list[bytes]:
+        """The JSON reply of every request in `batch`, in order. Requests with candidate counts and
+        history lengths in the same powers-of-two bucket share one Scorer call (padded to the longest:
+        padding candidates are dropped from the reply, padding behaviours are masked); bucketing bounds
+        what padding can cost: less than twice the work of each request."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for index, encoded in enumerate(batch):
+            key = (len(encoded.cand_items) - 1).bit_length(), len(encoded.hist_items).bit_length()
+            groups.setdefault(key, []).append(index)
+        bodies: list[bytes] = [b""] * len(batch)
+        for indices in groups.values():
+            for index, body in zip(indices, self._score_group([batch[i] for i in indices])):
+                bodies[index] = body
+        return bodies
+
+    def _score_group(self, group: list["_Encoded"]) -> list[bytes]:
+        """One Scorer call for U requests: (U, N) left-padded histories, (U, C) right-padded candidates."""
+        length = max(1, max(len(e.hist_items) for e in group))  # 1 masked slot if every history is empty
+        history = History.left_pad([e.hist_items for e in group], [e.hist_categories for e in group], length=length)
+        width = max(len(e.cand_items) for e in group)
+        items, categories = np.zeros((2, len(group), width), dtype=np.int64)  # padding item 0, category 0
+        for row, encoded in enumerate(group):
+            items[row, :len(encoded.cand_items)] = encoded.cand_items
+            categories[row, :len(encoded.cand_items)] = encoded.cand_categories
+        probs = self.scorer.score(history, torch.from_numpy(items), torch.from_numpy(categories))
+        probs = probs.cpu().numpy().astype(np.float64)                                    # (U, C)
+        return [encoded.reply(row[:len(encoded.cand_items)]) for encoded, row in zip(group, probs)]
 
     def _encode(self, kind: str, raw: list, field: str, *, allow_unknown: bool) -> tuple[np.ndarray, np.ndarray]:
         """Internal ids and a known-mask; an unknown id is a 404 unless the policy is oov and
@@ -213,6 +242,28 @@ class _Model:
             order = np.argsort(np.asarray(history.timestamps, dtype=np.float64), kind="stable")
             items, categories = items[order], categories[order]
         return items[-self.max_len:], categories[-self.max_len:]
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """One validated request in internal ids, waiting for its batch."""
+
+    hist_items: np.ndarray       # (N,) oldest first, N <= max_len; 0 = an unknown behaviour (masked)
+    hist_categories: np.ndarray  # (N,)
+    cand_items: np.ndarray       # (C,)
+    cand_categories: np.ndarray  # (C,)
+    raw_candidates: np.ndarray   # (C,) object: the ids as sent, for the reply
+    known: np.ndarray            # (C,) bool
+    top_k: int
+
+    def reply(self, probs: np.ndarray) -> bytes:
+        """The response body for this request's (C,) click probabilities."""
+        best = np.argsort(-probs, kind="stable")[:self.top_k]
+        top = TopCandidates(items=self.raw_candidates[best].tolist(), scores=probs[best].tolist())
+        response = ScoreResponse(scores=probs.tolist(), top=top,
+                                 history_length=int(np.count_nonzero(self.hist_items)),
+                                 unknown_candidates=self.raw_candidates[~self.known].tolist())
+        return response.model_dump_json().encode()
 
 
 class BodyLimit:
@@ -277,29 +328,38 @@ def create_app(checkpoint: str | Path, data: str | Path, **settings: Any) -> Fas
     """The service for one checkpoint and the prepared dataset it was trained on.
 
     `settings` are the other fields of `ServeSettings` (device, max_candidates, max_history,
-    max_body_bytes, unknown, threads, concurrency); `threads` sets torch's process-wide thread count.
-    Raises DataError / ConfigError for a bad checkpoint or dataset."""
+    max_body_bytes, unknown, threads, max_batch, batch_wait_ms); `threads` sets torch's process-wide
+    thread count. Raises DataError / ConfigError for a bad checkpoint or dataset."""
     config = ServeSettings(checkpoint=Path(checkpoint), data=Path(data), **settings)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     model = _Model(config)
+    batcher = MicroBatcher(model.score_batch, max_batch=config.max_batch, max_wait_s=config.batch_wait_ms / 1e3,
+                           name="darec-scorer")
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        batcher.close()  # answers the requests already queued
+
     app = FastAPI(title="darec", summary="CTR scores of candidate items against long user histories",
-                  exception_handlers={RequestValidationError: _validation_error})
+                  exception_handlers={RequestValidationError: _validation_error}, lifespan=lifespan)
     app.state.model = model
 
-    limiter = anyio.CapacityLimiter(config.concurrency)
-
     @app.get("/healthz")
-    async def healthz() -> dict[str, Any]:  # on the event loop: answers while every scoring thread is busy
-        return {"status": "ok", **model.info()}
+    async def healthz() -> dict[str, Any]:  # on the event loop: answers while the scoring thread is busy
+        info = model.info()
+        info["batching"] |= {"batches": batcher.batches, "requests": batcher.items}
+        return {"status": "ok", **info}
 
     @app.post("/score", response_model=ScoreResponse,
               responses={404: {"description": "unknown user or item id"},
                          413: {"description": "body, candidate list or history above the limits"},
                          422: {"description": "malformed request"}})
-    async def score(request: model.request_model) -> ScoreResponse:
-        # CPU-bound: off the event loop, at most `concurrency` requests at once (more only contend for the cores)
-        return await anyio.to_thread.run_sync(model.score, request, limiter=limiter)
+    async def score(request: model.request_model) -> Response:
+        # encoded here (a bad id is this request's 4xx), scored on the scoring thread with the others waiting
+        body = await batcher.submit(model.encode(request))
+        return Response(body, media_type="application/json")
 
     app.add_middleware(BodyLimit, limit=config.body_limit)
     return app
