@@ -63,7 +63,9 @@ def _run_synth(args: argparse.Namespace) -> int:
     from darec.data.synthetic import SyntheticConfig, prepare_synthetic
     synth = SyntheticConfig(n_users=args.users, n_items=args.items, n_categories=args.categories,
                             mean_length=args.mean_length, decay_rate=args.decay_rate, reclick=args.reclick,
-                            n_favourites=args.favourites, seed=args.synth_seed)
+                            n_favourites=args.favourites, n_brands=args.brands, brand_loyalty=args.brand_loyalty,
+                            strong_fraction=args.strong_fraction, strong_weight=args.strong_weight,
+                            time_decay=args.time_decay, time_unit=args.time_unit, seed=args.synth_seed)
     dataset = prepare_synthetic(synth, out=args.out, config=_protocol(args), overwrite=args.overwrite)
     print(summary(dataset.manifest, dataset.path))
     return 0
@@ -146,6 +148,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="favourite items per (user, category)")
     synth.add_argument("--synth-seed", type=int, default=planted.seed,
                        help="generator seed (--seed is the sampling seed)")
+    side = synth.add_argument_group("side signals (docs/features.md#evidence; off by default), stored as features")
+    side.add_argument("--brands", type=int, default=planted.n_brands, help="brands over the items (0: none)")
+    side.add_argument("--brand-loyalty", type=float, default=planted.brand_loyalty,
+                      help="probability that a fresh click picks the brand of one of the user's last 5 clicks")
+    side.add_argument("--strong-fraction", type=float, default=planted.strong_fraction,
+                      help="share of behaviours that are 'buy' rather than 'click'")
+    side.add_argument("--strong-weight", type=float, default=planted.strong_weight,
+                      help="weight of a 'buy' in the state that drives the next categories")
+    side.add_argument("--time-decay", action="store_true",
+                      help="timestamps in sessions and the decay in time: exp(-decay_rate * gap / time_unit)")
+    side.add_argument("--time-unit", type=float, default=planted.time_unit, help="seconds (with --time-decay)")
     _overwrite_arg(synth)
     _protocol_args(synth)
     synth.set_defaults(handler=_run_synth)
