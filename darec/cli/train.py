@@ -88,6 +88,11 @@ def _train(args: argparse.Namespace) -> int:
 
     config = train_config_from_args(args, preset=args.preset, seed=args.seed)
     preset_config(config.preset, n_items=2, n_categories=2, **config.model)
+    if config.features not in ("all", "none"):  # named features: checked against the data before any output
+        from darec.data.loader import feature_fields
+        from darec.data.store import PreparedDataset
+
+        feature_fields(PreparedDataset.open(args.data), config.features)
     if (status := _relaunch(args)) is not None:
         return status
     result = train(data=args.data, config=config, out_dir=args.out, resume=not args.no_resume,

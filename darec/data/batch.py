@@ -5,13 +5,15 @@ Shapes: B = batch size, L = history length (most recent behaviour last, left-pad
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Batch", "HISTORY_FIELDS", "set_slots"]
+__all__ = ["Batch", "HISTORY_FIELDS", "FEATURE_FIELDS", "set_slots"]
 
 HISTORY_FIELDS = ("hist_items", "hist_categories", "hist_positions", "mask")
+FEATURE_FIELDS = ("hist_features", "target_features", "user_features")  # name -> tensor mappings
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,11 @@ class Batch:
         candidate_set: (B,) int64 or None. Rows with the same id were cut from the same user at the same
             moment (one request's candidate set: a positive and its negatives); ids are 0..G-1 within the
             batch. None: every row is a set of its own. Set-wise models (IFA) and ranking losses read it.
+        hist_features: side-feature codes of the history by feature name, (B, L) int64 each, 0 where padded:
+            the dataset's per-behaviour features and the time fields computed from timestamps (time_gap, ...).
+        target_features: (B,) int64 codes of the target's item features (brand, seller, ...).
+        user_features: (B,) int64 codes of the user's features.
+        Models read the features their config names and ignore the others (docs/features.md).
     """
 
     hist_items: torch.Tensor
@@ -42,22 +49,34 @@ class Batch:
     label: torch.Tensor
     user: torch.Tensor
     candidate_set: torch.Tensor | None = None
+    hist_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    target_features: dict[str, torch.Tensor] = field(default_factory=dict)
+    user_features: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def _map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> "Batch":
+        """Every tensor (those in the feature mappings too) through `fn`."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name in FEATURE_FIELDS:
+                out[f.name] = {name: fn(t) for name, t in value.items()}
+            else:
+                out[f.name] = None if value is None else fn(value)
+        return Batch(**out)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "Batch":
-        return Batch(**{f.name: None if getattr(self, f.name) is None
-                        else getattr(self, f.name).to(device, non_blocking=non_blocking)
-                        for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def take_history(self, index: torch.Tensor) -> "Batch":
         """The batch restricted to history slots `index` (B, K): every (B, L) tensor becomes (B, K).
 
         Lets code written for whole histories run on the K kept behaviours only, at O(B K) cost."""
         return dataclasses.replace(self, **{name: getattr(self, name).gather(1, index)  # (B, K)
-                                            for name in HISTORY_FIELDS})
+                                            for name in HISTORY_FIELDS},
+                                   hist_features={n: t.gather(1, index) for n, t in self.hist_features.items()})
 
     def pin_memory(self) -> "Batch":
-        return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name).pin_memory()
-                        for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.pin_memory())
 
     def set_ids(self) -> tuple[torch.Tensor, int]:
         """(B,) candidate-set id of every row and the number of sets G (each row alone when unknown)."""

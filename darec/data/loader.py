@@ -2,11 +2,16 @@
 
 Notation: B = batch size, L = history length (`max_len`). Histories are oldest first and left-padded
 with 0; slot j (0-based) gets position L - j, so the click just before the target is position 1.
+
+Side features (docs/features.md): every per-behaviour code array of the dataset is gathered with the same
+index as the items; the target's item-feature codes are `item_features[name][target item]`; the time
+fields (time_gap, hour, weekday, when the schema asks for them) are computed here from the timestamps.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -14,8 +19,37 @@ import torch
 from darec.data.batch import Batch
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError
+from darec.models.config import FeatureField
 
-__all__ = ["gather_histories", "BatchLoader"]
+__all__ = ["gather_histories", "history_index", "history_codes", "history_features", "BatchLoader",
+           "time_gap_bucket", "time_codes", "feature_fields", "TIME_FIELDS"]
+
+TIME_FIELDS = ("time_gap", "hour", "weekday")  # computed from timestamps, never stored
+_TIME_VOCABULARY = {"hour": 25, "weekday": 8}   # codes 1..24 (UTC hour + 1), 1..7 (Monday = 1); 0 = padding
+
+
+def history_index(offsets, users, cuts, max_len: int):
+    """Global CSR index (B, L) of the slots of seq[max(0, cut - L):cut], left-padded (index 0 there),
+    and the mask (B, L) of real slots. numpy arrays or torch tensors alike (the GPU path runs on the device)."""
+    if isinstance(users, torch.Tensor):
+        slots = torch.arange(max_len, device=users.device, dtype=torch.int64)
+        start = offsets[users.long()] + cuts.long() - max_len  # (B,) global index of slot 0
+        mask = slots[None, :] >= (max_len - cuts.long())[:, None]  # slot j is real iff j >= L - cut
+        index = start[:, None] + slots[None, :]  # (B, L)
+        return torch.where(mask, index, torch.zeros_like(index)), mask
+    users = np.asarray(users, dtype=np.int64)
+    cuts = np.asarray(cuts, dtype=np.int64)
+    slots = np.arange(max_len, dtype=np.int64)
+    index = (offsets[users] + cuts - max_len)[:, None] + slots[None, :]  # (B, L)
+    mask = slots[None, :] >= (max_len - cuts)[:, None]
+    return np.where(mask, index, 0), mask
+
+
+def _take(values, index, mask):
+    """values[index] with 0 where `mask` is False (padding), numpy or torch."""
+    if isinstance(index, torch.Tensor):
+        return torch.where(mask, values[index], torch.zeros((), dtype=values.dtype, device=values.device))
+    return np.where(mask, values[index], 0)
 
 
 def gather_histories(offsets, items, categories, users, cuts, max_len: int):
@@ -25,21 +59,84 @@ def gather_histories(offsets, items, categories, users, cuts, max_len: int):
     the device. Args: offsets (U+1,), items/categories (N,), users/cuts (B,). Returns (hist_items,
     hist_cats, mask), each (B, L); ids keep the dtype of `items`/`categories`, mask is bool.
     """
-    if isinstance(users, torch.Tensor):
-        slots = torch.arange(max_len, device=users.device, dtype=torch.int64)
-        start = offsets[users.long()] + cuts.long() - max_len  # (B,) global index of slot 0
-        index = start[:, None] + slots[None, :]  # (B, L)
-        mask = slots[None, :] >= (max_len - cuts.long())[:, None]  # slot j is real iff j >= L - cut
-        index = torch.where(mask, index, torch.zeros_like(index))
-        zero = torch.zeros((), dtype=items.dtype, device=items.device)
-        return (torch.where(mask, items[index], zero), torch.where(mask, categories[index], zero), mask)
-    users = np.asarray(users, dtype=np.int64)
-    cuts = np.asarray(cuts, dtype=np.int64)
-    slots = np.arange(max_len, dtype=np.int64)
-    index = (offsets[users] + cuts - max_len)[:, None] + slots[None, :]  # (B, L)
-    mask = slots[None, :] >= (max_len - cuts)[:, None]
-    index = np.where(mask, index, 0)
-    return (np.where(mask, items[index], 0), np.where(mask, categories[index], 0), mask)
+    index, mask = history_index(offsets, users, cuts, max_len)
+    return _take(items, index, mask), _take(categories, index, mask), mask
+
+
+def time_gap_bucket(gap_seconds, n_buckets: int):
+    """Log-scale bucket of the time between a behaviour and its target (numpy or torch, int64 out).
+
+    Code 0 is the target itself (and padding); 1 = same second (gap <= 0); b = 2 .. n_buckets - 1 holds gaps
+    in [2^(b-2), 2^(b-1)) seconds (2: 1 s, 3: 2-3 s, 4: 4-7 s, ..., 18: 2^16 s ~ 18 h, 25: ~97 days);
+    n_buckets holds everything from 2^(n_buckets-2) s on. The table has n_buckets + 1 rows.
+    Exact for any int64 gap: the bucket is frexp's binary exponent + 1, no floating-point log."""
+    if isinstance(gap_seconds, torch.Tensor):
+        gap = gap_seconds.long()
+        exponent = torch.frexp(gap.clamp(min=1).double())[1].long()        # gap = m 2^e, m in [0.5, 1)
+        return torch.where(gap >= 1, (exponent + 1).clamp(max=n_buckets), torch.ones_like(gap))
+    gap = np.asarray(gap_seconds, dtype=np.int64)
+    exponent = np.frexp(np.maximum(gap, 1).astype(np.float64))[1].astype(np.int64)
+    return np.where(gap >= 1, np.minimum(exponent + 1, n_buckets), 1)
+
+
+def time_codes(name: str, stamps, reference, n_buckets: int):
+    """Code of time field `name` for behaviours at `stamps` (seconds since the epoch, UTC), targets at
+    `reference` (broadcast): time_gap = `time_gap_bucket(reference - stamps)`; hour = UTC hour + 1;
+    weekday = 1 (Monday) .. 7. numpy or torch; 0 is left for padding and the target."""
+    if name == "time_gap":
+        return time_gap_bucket(reference - stamps, n_buckets)
+    if name == "hour":
+        return stamps // 3600 % 24 + 1
+    if name == "weekday":
+        return (stamps // 86400 + 3) % 7 + 1  # 1970-01-01 was a Thursday
+    raise ConfigError(f"unknown time field {name!r}; known: {list(TIME_FIELDS)}")
+
+
+def _time_settings(dataset: PreparedDataset) -> tuple[dict[str, int], str]:
+    """The time fields the dataset's schema asks for (name -> vocabulary) and where they enter."""
+    time = (dataset.manifest.get("schema") or {}).get("time") or {}
+    fields = {}
+    if time.get("gap"):
+        fields["time_gap"] = int(time.get("gap_buckets", 32)) + 1
+    fields.update({name: vocab for name, vocab in _TIME_VOCABULARY.items() if time.get(name)})
+    return fields, str(time.get("enter", "score"))
+
+
+def feature_fields(dataset: PreparedDataset, selected: str | Collection[str] = "all") -> tuple[FeatureField, ...]:
+    """The side features of `dataset` a model reads, as `ModelConfig.features`.
+
+    `selected`: "all" (every feature the model can read), "none", or names. Item features: categorical
+    per-behaviour features with a target value; context: the others (behaviour type, `target: false`
+    ones) and the time fields, entering the score only or (schema `time.enter: representation`) the
+    representation too; user: per-user categorical features. Numeric features are not read by the model
+    yet: naming one is a ConfigError, "all" leaves them out. Unknown names: ConfigError listing the known."""
+    time_fields, enter = _time_settings(dataset)
+    context_enter = "both" if enter == "representation" else "score"
+    available: dict[str, FeatureField] = {}
+    numeric = []
+    for name, spec in dataset.feature_specs.items():
+        if spec.get("kind") == "numeric":
+            numeric.append(name)
+        elif spec.get("level") == "user":
+            available[name] = FeatureField(name, int(spec["vocabulary"]), "user")
+        elif spec.get("target"):
+            available[name] = FeatureField(name, int(spec["vocabulary"]), "item")
+        else:
+            available[name] = FeatureField(name, int(spec["vocabulary"]), "context", context_enter)
+    for name, vocabulary in time_fields.items():
+        available[name] = FeatureField(name, vocabulary, "context", context_enter)
+    if selected == "all":
+        return tuple(available.values())
+    if selected == "none":
+        return ()
+    for name in selected:
+        if name in numeric:
+            raise ConfigError(f"feature {name!r} is numeric; the model reads categorical and time features only "
+                              f"(readable here: {', '.join(available) or 'none'})")
+        if name not in available:
+            raise ConfigError(f"unknown feature {name!r}: dataset {dataset.path} has "
+                              f"{', '.join(available) or 'no side features'} (use --features none|all|NAME,NAME)")
+    return tuple(available[name] for name in dict.fromkeys(selected))
 
 
 class BatchLoader:
@@ -60,12 +157,14 @@ class BatchLoader:
     `group_sets`), shares differing by at most one row (set). Every rank gets the same number of
     non-empty batches, as DDP and sharded tables need: a batch with fewer rows (sets) than ranks hands its
     last row (set) to the ranks past its end again (evaluation drops such repeats by row index).
+
+    `features`: names of the side features to gather (see `feature_fields`); None: every one the dataset has.
     """
 
     def __init__(self, dataset: PreparedDataset, split: str, *, batch_size: int, shuffle: bool = False,
                  seed: int = 0, max_len: int | None = None, drop_last: bool = False,
                  device: str | torch.device = "cpu", group_sets: bool = False,
-                 shard: tuple[int, int] = (0, 1)) -> None:
+                 shard: tuple[int, int] = (0, 1), features: Collection[str] | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self.max_len = int(max_len if max_len is not None else dataset.max_len)
@@ -87,6 +186,14 @@ class BatchLoader:
                               for a in (dataset.offsets, dataset.items, dataset.categories))
         else:
             self._csr = (np.asarray(dataset.offsets), np.asarray(dataset.items), np.asarray(dataset.categories))
+        wanted = {f.name for f in feature_fields(dataset)} if features is None else set(features)
+        self._time_fields = {n: v for n, v in _time_settings(dataset)[0].items() if n in wanted}
+        self._tables = {level: {n: self._array(a) for n, a in arrays.items()
+                                if n in wanted and a.dtype.kind in "iu"}  # numeric features are not gathered
+                        for level, arrays in (("event", dataset.event_features), ("item", dataset.item_features),
+                                              ("user", dataset.user_features))}
+        if self._time_fields:
+            self._tables["time"] = {"timestamps": self._array(dataset.timestamps)}
         self._positions = torch.arange(self.max_len, 0, -1, dtype=torch.int64, device=self.device)  # (L,)
 
     def __len__(self) -> int:
@@ -165,7 +272,51 @@ class BatchLoader:
         sets = torch.from_numpy(np.unique(_request_keys(rows), return_inverse=True)[1].reshape(-1))
         return Batch(hist_items=hist_items, hist_categories=hist_cats, hist_positions=positions, mask=mask,
                      target_item=columns["item"], target_category=columns["category"], label=label,
-                     user=columns["user"], candidate_set=sets.to(self.device, non_blocking=True))
+                     user=columns["user"], candidate_set=sets.to(self.device, non_blocking=True),
+                     **self._features(rows, columns))
+
+    def _array(self, values: np.ndarray) -> Any:
+        """A code array as the gather reads it: int64 on the device, or the memory-mapped numpy array."""
+        if self._on_device:
+            return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(self.device)
+        return np.asarray(values)
+
+    def _features(self, rows: np.ndarray, columns: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+        """hist_features (B, L), target_features and user_features (B,) of the batch: the same vectorised
+        index as the items, and the time fields from the timestamps (the target's is its event's)."""
+        if not any(self._tables.values()):
+            return {}
+        users, cuts, items = ((columns[k] for k in ("user", "cut", "item")) if self._on_device
+                              else (rows["user"].astype(np.int64), rows["cut"].astype(np.int64),
+                                    rows["item"].astype(np.int64)))
+        index, mask = history_index(self._csr[0], users, cuts, self.max_len)
+        stamps = self._tables.get("time", {}).get("timestamps")
+        reference = None if stamps is None else stamps[self._csr[0][users] + cuts]   # (B,) the target's time
+        hist = history_codes(self._tables["event"], stamps, self._time_fields, index, mask, reference)
+        as_tensor = (lambda a: a) if self._on_device else (lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)))
+        return {"hist_features": {n: as_tensor(a) for n, a in hist.items()},
+                "target_features": {n: as_tensor(a[items]) for n, a in self._tables["item"].items()},
+                "user_features": {n: as_tensor(a[users]) for n, a in self._tables["user"].items()}}
+
+
+def history_codes(events: Mapping[str, Any], stamps: Any, time_fields: Mapping[str, int], index: Any, mask: Any,
+                  reference: Any) -> dict[str, Any]:
+    """Side-feature codes (B, L) of the behaviours at CSR `index` (B, L), 0 where `mask` is False: each
+    per-behaviour code array in `events` gathered there, and each time field (name -> vocabulary) computed
+    from `stamps` against the targets' times `reference` (B,). numpy arrays or torch tensors alike."""
+    codes = {name: _take(values, index, mask) for name, values in events.items()}
+    for name, vocabulary in time_fields.items():
+        codes[name] = time_codes(name, stamps[index], reference[:, None], vocabulary - 1) * mask
+    return codes
+
+
+def history_features(dataset: PreparedDataset, index: np.ndarray, mask: np.ndarray,
+                     reference: np.ndarray) -> dict[str, np.ndarray]:
+    """Every side-feature code (B, L) the loader would gather for behaviours at CSR `index`, with time fields
+    relative to `reference` (B,) seconds: for callers with an index of their own (serving)."""
+    time_fields = _time_settings(dataset)[0]
+    events = {n: np.asarray(a) for n, a in dataset.event_features.items() if a.dtype.kind in "iu"}
+    return history_codes(events, np.asarray(dataset.timestamps), time_fields, index, mask, np.asarray(reference))
 
 
 def _request_keys(rows: np.ndarray) -> np.ndarray:

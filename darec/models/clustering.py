@@ -179,8 +179,8 @@ class TwinV2Search(nn.Module):
     """Clusters each history on its detached key embeddings, then TWIN's search and attention over
     the virtual items with ln(cluster size) added to the score.
 
-    A virtual item's key, value token and position bias are its members' means, so item, category and
-    position of a virtual item are all averages. `Interest.index` is every position and `weights`
+    A virtual item's key, value token and score bias (position and context) are its members' means, so
+    every field of a virtual item is an average. `Interest.index` is every position and `weights`
     (B, L) each behaviour's share (its cluster's weight / cluster size), so r = sum_i w_i v_i;
     `scores` (B, L) is the score of each behaviour's cluster."""
 
@@ -190,17 +190,17 @@ class TwinV2Search(nn.Module):
 
     def virtual_items(self, emb: RoleEmbeddings, batch: Batch) -> VirtualItems:
         """The clustering and the clusters' means: target-independent, so computed once per history."""
-        keys = emb.semantic("key", batch.hist_items, batch.hist_categories)              # (B, L, D)
+        keys = emb.semantic("key", batch.hist_items, batch.hist_categories, batch.hist_features)  # (B, L, D)
         assign = hierarchical_clusters(keys.detach(), batch.mask, cap=self.cap, levels=self.levels,
                                        iters=self.iters)                                 # (B, L)
         n = int(assign.max().item()) + 1 if bool(batch.mask.any()) else 1
         centers, sizes = cluster_means(keys, assign, n)                                  # (B, C, D), (B, C)
-        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, L, E)
+        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions,
+                            batch.hist_features)                                         # (B, L, E)
         prior = sizes.clamp(min=1).to(keys.dtype).log()                                  # ln n_c
-        bias = emb.position_bias()
+        bias = emb.score_bias(batch.hist_positions, batch.hist_features)                 # (B, L) or None
         if bias is not None:
-            per_slot = bias[batch.hist_positions.clamp(max=bias.shape[0] - 1)].unsqueeze(-1)  # (B, L, 1)
-            prior = prior + cluster_means(per_slot, assign, n)[0].squeeze(-1)
+            prior = prior + cluster_means(bias.unsqueeze(-1), assign, n)[0].squeeze(-1)
         return VirtualItems(assign=assign, keys=centers, values=cluster_means(values, assign, n)[0],
                             prior=prior, sizes=sizes)
 
@@ -213,7 +213,8 @@ class TwinV2Search(nn.Module):
     def forward(self, emb: RoleEmbeddings, batch: Batch, *, full: bool = False) -> Interest:
         """Returns r (B, E), index/weights/scores (B, L); r_full (B, E) when `full`."""
         virtual = self.virtual_items(emb, batch)
-        logits, kept = self.search(emb.semantic("query", batch.target_item, batch.target_category), virtual)
+        logits, kept = self.search(emb.semantic("query", batch.target_item, batch.target_category,
+                                                batch.target_features), virtual)
         weights = masked_softmax(logits.gather(1, kept), virtual.valid.gather(1, kept))  # (B, K)
         e = virtual.values.shape[-1]
         r = torch.einsum("bk,bke->be", weights, virtual.values.gather(1, kept.unsqueeze(-1).expand(-1, -1, e)))

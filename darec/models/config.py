@@ -9,7 +9,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from darec.errors import ConfigError, reject_unknown_keys
 
-__all__ = ["ModelConfig", "TABLE_LAYOUTS", "ROLES"]
+__all__ = ["ModelConfig", "FeatureField", "TABLE_LAYOUTS", "ROLES", "BASE_FIELDS"]
 
 ROLES = ("query", "key", "target", "value")
 
@@ -23,15 +23,49 @@ TABLE_LAYOUTS: dict[str, dict[str, str]] = {
 }
 
 
+BASE_FIELDS = ("item", "category", "position")  # the fields every model has (names a side feature cannot take)
+
+
+@dataclass(frozen=True)
+class FeatureField:
+    """One side feature the model reads (docs/features.md, "The model").
+
+    kind:
+      item: a property of the item with a value for the target too (brand, seller). A table in every table
+        set; its embedding joins [item; category] in the search score and in every token.
+      context: a property of the behaviour only (behaviour type, time-gap bucket, hour, weekday). The target
+        sits at code 0, as it sits at position 0, so in the score the feature is one learned scalar per code
+        (`RoleEmbeddings.context_bias`); `enter` says whether it is that score bias, a field of every
+        representation token, or both.
+      user: a property of the user; its embedding (representation tables) joins the head input.
+    vocabulary: rows of its table, code 0 included.
+    """
+
+    name: str
+    vocabulary: int
+    kind: Literal["item", "context", "user"] = "item"
+    enter: Literal["score", "representation", "both"] = "both"
+
+    @property
+    def in_score(self) -> bool:
+        return self.kind == "context" and self.enter in ("score", "both")
+
+    @property
+    def in_token(self) -> bool:
+        """A field of every token (item features always; context features unless score-only)."""
+        return self.kind == "item" or (self.kind == "context" and self.enter in ("representation", "both"))
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape and variant of the two-stage model.
 
-    Dimensions are per field: a token is [item; category; position], so E = 3 * dim
-    (2 * dim without positions). `attention_dim` (K_A) may differ from `dim` (K_R) only when
-    the attention roles have tables of their own. `n_embedding_sets` M > 1 is multi-embedding (Guo et
-    al., 2023, against embedding collapse): M independent table sets, each with its own search, and the
-    head input is the M head inputs side by side (width M * 3E).
+    Dimensions are per field: a token is [item; category; item features; position; context features in
+    the representation], so E = 3 * dim without side features (2 * dim without positions). `features`
+    lists the side features (default none: the paper's model, bit for bit). `attention_dim` (K_A) may
+    differ from `dim` (K_R) only when the attention roles have tables of their own. `n_embedding_sets`
+    M > 1 is multi-embedding (Guo et al., 2023, against embedding collapse): M independent table sets,
+    each with its own search, and the head input is the M head inputs side by side (`head_dim`).
     """
 
     n_items: int
@@ -53,6 +87,7 @@ class ModelConfig:
     legacy_init: bool = False         # the reference's N(0, 0.01^2) BatchNorm gamma and PReLU slopes
     search_options: dict[str, Any] = field(default_factory=dict)  # options of non-default searches
     n_embedding_sets: int = 1         # multi-embedding: independent tables + search per set, heads see all
+    features: tuple[FeatureField, ...] = ()  # side features (issue 14), built from a dataset by `feature_fields`
 
     def __post_init__(self) -> None:
         if self.tables not in TABLE_LAYOUTS:
@@ -68,19 +103,56 @@ class ModelConfig:
             raise ConfigError(
                 f"attention_dim={self.attention_dim} differs from dim={self.dim}, but tables='shared' "
                 "has one table for attention and representation; use tables='decoupled' or 'four'")
+        names = [f.name for f in self.features]
+        clash = sorted({n for n in names if names.count(n) > 1 or n in BASE_FIELDS})
+        if clash:
+            raise ConfigError(f"feature name {clash[0]!r} is used twice or names a base field {BASE_FIELDS}")
+        for f in self.features:
+            if f.vocabulary < 1:
+                raise ConfigError(f"feature {f.name!r}: vocabulary must be >= 1, got {f.vocabulary}")
 
     @property
     def attn_dim(self) -> int:
         return self.dim if self.attention_dim is None else self.attention_dim
 
     @property
+    def item_features(self) -> tuple[str, ...]:
+        """Features in the semantic part [item; category; ...]: the dot score covers them."""
+        return tuple(f.name for f in self.features if f.kind == "item")
+
+    @property
+    def score_context(self) -> tuple[str, ...]:
+        """Context features that add a learned bias per code to the search score."""
+        return tuple(f.name for f in self.features if f.in_score)
+
+    @property
+    def token_context(self) -> tuple[str, ...]:
+        """Context features that are fields of every representation token (after position)."""
+        return tuple(f.name for f in self.features if f.kind == "context" and f.in_token)
+
+    @property
+    def user_features(self) -> tuple[str, ...]:
+        return tuple(f.name for f in self.features if f.kind == "user")
+
+    @property
+    def semantic_dim(self) -> int:
+        """D: width of a query / key, [item; category; item features] in the attention dim."""
+        return (2 + len(self.item_features)) * self.attn_dim
+
+    @property
     def fields(self) -> int:
-        return 3 if self.use_position else 2
+        return 2 + len(self.item_features) + int(self.use_position) + len(self.token_context)
 
     @property
     def token_dim(self) -> int:
-        """E: width of a representation token [item; category (; position)]."""
+        """E: width of a representation token [item; category; item features (; position); context]."""
         return self.fields * self.dim
+
+    @property
+    def head_dim(self) -> int:
+        """Head input width: per embedding set [v_t, r (, v_t * r)] and the user features' embeddings."""
+        per_set = (3 if self.target_aware else 2) * self.token_dim + len(self.user_features) * self.dim
+        return self.n_embedding_sets * per_set
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -4,6 +4,11 @@ Roles: query (target, attention), key (history, attention), target (v_t, represe
 value (history, representation). `ModelConfig.tables` decides which roles share a table set;
 that single choice is the difference between TWIN (one set), DARE (two) and TWIN-4E (four).
 
+Side features (`ModelConfig.features`, docs/features.md) are more tables in the same sets: an item feature
+(brand) joins [item; category] wherever they are read, a context feature (time gap, behaviour type) is a
+score bias per code and/or a token field, a user feature joins the head input. So the layout decides, per
+feature, which tables each role reads: DARE decouples attention and representation for every feature.
+
 Notation: B batch, L history length, d_A / d_R per-field attention / representation dims,
 E = fields * d_R.
 """
@@ -15,11 +20,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from collections.abc import Mapping
+
+from darec.errors import ConfigError
 from darec.models.config import ROLES, TABLE_LAYOUTS, ModelConfig
 
 __all__ = ["RoleEmbeddings", "TableSet", "RoleLookup"]
 
 _ATTENTION_ROLES = ("query", "key")
+
+Codes = Mapping[str, torch.Tensor]  # side-feature codes by feature name
 
 
 @dataclass(frozen=True)
@@ -34,17 +44,29 @@ class RoleLookup:
 
 
 class TableSet(nn.Module):
-    """Item, category and (optionally) relative-position tables of one width."""
+    """Item, category and (optionally) relative-position tables of one width, then one table per side
+    feature its roles read (`features`: name -> vocabulary; empty for the paper's model, which then has
+    exactly the parameters, and draws its initial weights in exactly the order, it always had)."""
 
     def __init__(self, *, n_items: int, n_categories: int, n_positions: int, dim: int,
-                 use_position: bool) -> None:
+                 use_position: bool, features: Mapping[str, int] | None = None) -> None:
         super().__init__()
         self.item = nn.Embedding(n_items, dim)
         self.category = nn.Embedding(n_categories, dim)
         self.position = nn.Embedding(n_positions, dim) if use_position else None
+        self.features = nn.ModuleDict({name: nn.Embedding(rows, dim) for name, rows in (features or {}).items()})
 
     def table(self, field: str) -> nn.Embedding:
-        return getattr(self, field)
+        return getattr(self, field) if field in ("item", "category", "position") else self.features[field]
+
+
+def _role_fields(config: ModelConfig, role: str) -> tuple[str, ...]:
+    """The side features `role` reads: item features everywhere; score context in the attention roles;
+    token context in the representation roles; user features in the target role."""
+    wanted = [f.name for f in config.features if f.kind == "item"
+              or (f.kind == "context" and (f.in_score if role in _ATTENTION_ROLES else f.in_token))
+              or (f.kind == "user" and role == "target")]
+    return tuple(wanted)
 
 
 class RoleEmbeddings(nn.Module):
@@ -56,18 +78,25 @@ class RoleEmbeddings(nn.Module):
         self.use_position = config.use_position
         self.max_position = config.max_len
         self.attn_dim, self.repr_dim = config.attn_dim, config.dim
+        self.item_features, self.score_context = config.item_features, config.score_context
+        self.token_context, self.user_features = config.token_context, config.user_features
+        vocabulary = {f.name: f.vocabulary for f in config.features}
+        role_fields = {role: _role_fields(config, role) for role in ROLES}
         set_dims: dict[str, int] = {}
+        set_fields: dict[str, dict[str, int]] = {}
         for role in ROLES:
             dim = self.attn_dim if role in _ATTENTION_ROLES else self.repr_dim
             set_dims.setdefault(self.layout[role], dim)
+            set_fields.setdefault(self.layout[role], {}).update({n: vocabulary[n] for n in role_fields[role]})
         self.sets = nn.ModuleDict({
             name: TableSet(n_items=config.n_items, n_categories=config.n_categories,
-                           n_positions=config.max_len + 1, dim=dim, use_position=config.use_position)
+                           n_positions=config.max_len + 1, dim=dim, use_position=config.use_position,
+                           features={n: v for n, v in vocabulary.items() if n in set_fields[name]})
             for name, dim in set_dims.items()})
         fields = ("item", "category", "position") if config.use_position else ("item", "category")
         self.projections = nn.ModuleDict({
             role: nn.ModuleDict({f: nn.Linear(set_dims[self.layout[role]], set_dims[self.layout[role]],
-                                              bias=False) for f in fields})
+                                              bias=False) for f in (*fields, *role_fields[role])})
             for role in ROLES}) if config.projection else None
         self.recorder: list[RoleLookup] | None = None  # set to [] to record lookups (analysis only)
 
@@ -80,17 +109,43 @@ class RoleEmbeddings(nn.Module):
             out = self.projections[role][field](out)
         return out
 
-    def semantic(self, role: str, items: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
-        """[item; category] of a role: (..., 2 d)."""
-        return torch.cat([self._field(role, "item", items), self._field(role, "category", categories)], -1)
+    @staticmethod
+    def _codes(features: Codes | None, name: str) -> torch.Tensor:
+        if features is None or name not in features:
+            raise ConfigError(f"this model reads side feature {name!r}, which its input does not carry "
+                              f"(carried: {sorted(features or {}) or 'none'})")
+        return features[name]
 
-    def token(self, role: str, items: torch.Tensor, categories: torch.Tensor,
-              positions: torch.Tensor) -> torch.Tensor:
-        """[item; category; position] of a role: (..., fields * d). Positions past the table clamp to its end."""
-        parts = [self.semantic(role, items, categories)]
+    def _semantic_fields(self, role: str, items: torch.Tensor, categories: torch.Tensor,
+                         features: Codes | None) -> list[torch.Tensor]:
+        parts = [self._field(role, "item", items), self._field(role, "category", categories)]
+        return parts + [self._field(role, n, self._codes(features, n)) for n in self.item_features]
+
+    def _token_fields(self, role: str, items: torch.Tensor, categories: torch.Tensor, positions: torch.Tensor,
+                      features: Codes | None) -> list[torch.Tensor]:
+        parts = self._semantic_fields(role, items, categories, features)
         if self.use_position:
             parts.append(self._field(role, "position", positions.clamp(max=self.max_position)))
-        return torch.cat(parts, -1)
+        return parts + [self._field(role, n, self._codes(features, n)) for n in self.token_context]
+
+    def semantic(self, role: str, items: torch.Tensor, categories: torch.Tensor,
+                 features: Codes | None = None) -> torch.Tensor:
+        """[item; category; item features] of a role: (..., (2 + n) d). `features`: codes by name."""
+        return torch.cat(self._semantic_fields(role, items, categories, features), -1)
+
+    def token(self, role: str, items: torch.Tensor, categories: torch.Tensor,
+              positions: torch.Tensor, features: Codes | None = None) -> torch.Tensor:
+        """[item; category; item features; position; context] of a role: (..., fields * d). Positions past the
+        table clamp to its end."""
+        return torch.cat(self._token_fields(role, items, categories, positions, features), -1)
+
+    def _bias(self, field: str) -> torch.Tensor:
+        """<T_q(0), T_k(c)> / sqrt(d_A) for every code c of `field`: (rows,)."""
+        key_table = self.sets[self.layout["key"]].table(field).weight
+        all_codes = torch.arange(key_table.shape[0], device=key_table.device)
+        keys = self._field("key", field, all_codes)                             # (P, d_A)
+        query = self._field("query", field, all_codes[:1])                      # (1, d_A)
+        return (keys @ query.squeeze(0)) / math.sqrt(keys.shape[-1])            # (P,)
 
     def position_bias(self) -> torch.Tensor | None:
         """Score contribution of each relative position, <T_q(0), T_k(p)> / sqrt(d_A): (max_len + 1,).
@@ -99,18 +154,50 @@ class RoleEmbeddings(nn.Module):
         learned scalar per position; computing it from the table once per batch keeps the search
         cost at 2 d_A per behaviour instead of 3 d_A.
         """
-        if not self.use_position:
-            return None
-        key_table = self.sets[self.layout["key"]].position.weight
-        all_positions = torch.arange(key_table.shape[0], device=key_table.device)
-        keys = self._field("key", "position", all_positions)                   # (P, d_A)
-        query = self._field("query", "position", all_positions[:1])            # (1, d_A)
-        return (keys @ query.squeeze(0)) / math.sqrt(keys.shape[-1])           # (P,)
+        return self._bias("position") if self.use_position else None
 
-    def target(self, items: torch.Tensor, categories: torch.Tensor) -> torch.Tensor:
-        """v_t: the target's representation token, position 0: (B, E)."""
-        return self.token("target", items, categories, torch.zeros_like(items))
+    def context_bias(self, name: str) -> torch.Tensor | None:
+        """Score contribution of each code of context feature `name` (e.g. "time_gap"), (vocabulary,): the
+        target sits at code 0, so like the position this half of the score is one learned scalar per code.
+        None when `name` is not a context feature entering the score."""
+        return self._bias(name) if name in self.score_context else None
 
-    def values(self, items: torch.Tensor, categories: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def score_bias(self, positions: torch.Tensor | None, features: Codes | None = None) -> torch.Tensor | None:
+        """The additive score bias of behaviours (...): the position bias at `positions` (None: left out, as
+        DIN's MLP score does) plus every score context feature's bias at its codes; None when there is none."""
+        total = None
+        if positions is not None and self.use_position:
+            bias = self.position_bias()
+            total = bias[positions.clamp(max=bias.shape[0] - 1)]
+        for name in self.score_context:
+            part = self.context_bias(name)[self._codes(features, name)]
+            total = part if total is None else total + part
+        return total
+
+    def target(self, items: torch.Tensor, categories: torch.Tensor, features: Codes | None = None) -> torch.Tensor:
+        """v_t: the target's representation token, position 0 and context code 0: (B, E)."""
+        zeros = torch.zeros_like(items)
+        codes = {**(features or {}), **{n: zeros for n in self.token_context}}
+        return self.token("target", items, categories, zeros, codes)
+
+    def values(self, items: torch.Tensor, categories: torch.Tensor, positions: torch.Tensor,
+               features: Codes | None = None) -> torch.Tensor:
         """Representation tokens of history behaviours: (..., E)."""
-        return self.token("value", items, categories, positions)
+        return self.token("value", items, categories, positions, features)
+
+    def weighted_values(self, weights: torch.Tensor, items: torch.Tensor, categories: torch.Tensor,
+                        positions: torch.Tensor, features: Codes | None = None) -> torch.Tensor:
+        """sum_k weights[..., k] * values(...)[..., k, :], field by field: (..., E).
+
+        Equal to the einsum over `values`, but the (..., K, E) token tensor is never built: each field's
+        (..., K, d) lookup is reduced on its own and only the (..., d) sums are joined. In serving, where
+        every candidate keeps its own K, that tensor is the largest one and its concatenation the
+        costliest step."""
+        fields = self._token_fields("value", items, categories, positions, features)
+        return torch.cat([torch.einsum("...k,...kd->...d", weights, field) for field in fields], -1)
+
+    def user(self, features: Codes | None = None) -> torch.Tensor | None:
+        """[user features] from the target role's tables: (B, n_user d_R), None without user features."""
+        if not self.user_features:
+            return None
+        return torch.cat([self._field("target", n, self._codes(features, n)) for n in self.user_features], -1)

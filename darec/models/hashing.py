@@ -1,6 +1,6 @@
 """Locality-sensitive hashing searches: ETA (Chen et al., 2021) and SDIM (Cao et al., 2022).
 
-Both hash the attention embeddings [item; category] (query role for the target, key role for the
+Both hash the attention embeddings [item; category; item features] (query role for the target, key role for the
 history) with SimHash: sign(x @ P) for random Gaussian hyperplanes P, whose bit agreement rate
 estimates 1 - angle / pi. P is drawn once, when the model is built, from torch's global generator, so
 it follows the run's seed like every initial weight (the trainer seeds before building; the `seed`
@@ -88,8 +88,10 @@ class HammingScore(nn.Module):
         return pack_bits(sign_bits(x, self.planes))
 
     def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
-        query = self.codes(emb.semantic("query", batch.target_item, batch.target_category))  # (B, W)
-        keys = self.codes(emb.semantic("key", batch.hist_items, batch.hist_categories))      # (B, L, W)
+        query = self.codes(emb.semantic("query", batch.target_item, batch.target_category,
+                                        batch.target_features))                             # (B, W)
+        keys = self.codes(emb.semantic("key", batch.hist_items, batch.hist_categories,
+                                       batch.hist_features))                                # (B, L, W)
         return -hamming(query, keys).to(torch.float32)                                       # (B, L)
 
 
@@ -176,10 +178,13 @@ class SDIMSearch(nn.Module):
 
     def forward(self, emb: RoleEmbeddings, batch: Batch, *, full: bool = False) -> Interest:
         """Returns r (B, E), index/weights/scores (B, L); r_full (B, E) when `full`."""
-        q_bucket = self.buckets(emb.semantic("query", batch.target_item, batch.target_category))  # (B, m)
-        k_bucket = self.buckets(emb.semantic("key", batch.hist_items, batch.hist_categories))     # (B, L, m)
+        q_bucket = self.buckets(emb.semantic("query", batch.target_item, batch.target_category,
+                                             batch.target_features))                     # (B, m)
+        k_bucket = self.buckets(emb.semantic("key", batch.hist_items, batch.hist_categories,
+                                             batch.hist_features))                       # (B, L, m)
         match = ((k_bucket == q_bucket.unsqueeze(1)) & batch.mask.unsqueeze(-1))         # (B, L, m)
-        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, L, E)
+        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions,
+                            batch.hist_features)                                         # (B, L, E)
         match = match.to(values.dtype)
         sums = torch.einsum("blm,ble->bme", match, values)                               # (B, m, E)
         norms = sums.norm(dim=-1).clamp_min(1e-12)                                       # (B, m)
@@ -208,7 +213,7 @@ def _eta(config: ModelConfig) -> nn.Module:
     word, the value LongCTR's tuning picked most often, and few Hamming ties among ~200 behaviours."""
     options = search_options(config, {"bits": 32, "seed": None})
     _check_options(options, "bits")
-    return SplitSearch(scorer=HammingScore(dim=2 * config.attn_dim, bits=options["bits"], seed=options["seed"]),
+    return SplitSearch(scorer=HammingScore(dim=config.semantic_dim, bits=options["bits"], seed=options["seed"]),
                        select=select_nearest_codes, esu=DotScore(), top_k=config.top_k, aux=DotScore())
 
 
@@ -219,5 +224,5 @@ def _sdim(config: ModelConfig) -> nn.Module:
     _check_options(options, "hashes", "bits_per_hash")
     if options["bits_per_hash"] > 30:
         raise ConfigError(f"bits_per_hash must be <= 30, got {options['bits_per_hash']}")
-    return SDIMSearch(dim=2 * config.attn_dim, hashes=options["hashes"], bits_per_hash=options["bits_per_hash"],
+    return SDIMSearch(dim=config.semantic_dim, hashes=options["hashes"], bits_per_hash=options["bits_per_hash"],
                       seed=options["seed"])

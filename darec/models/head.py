@@ -7,11 +7,15 @@ from torch import nn
 __all__ = ["MLPHead", "head_features"]
 
 
-def head_features(target: torch.Tensor, r: torch.Tensor, *, target_aware: bool) -> torch.Tensor:
-    """[v_t, r, v_t * r] with the target-aware representation (TR), else [v_t, r].
+def head_features(target: torch.Tensor, r: torch.Tensor, *, target_aware: bool,
+                  user: torch.Tensor | None = None) -> torch.Tensor:
+    """[v_t, r, v_t * r] with the target-aware representation (TR), else [v_t, r]; then the user features'
+    embeddings when the model has any.
 
     v_t * r equals sum_i w_i (e_i * v_t): the paper's TR form, computed after aggregation."""
     parts = [target, r, target * r] if target_aware else [target, r]
+    if user is not None:
+        parts.append(user)
     return torch.cat(parts, dim=-1)
 
 

@@ -114,14 +114,15 @@ class IFASearch(nn.Module):
         first[sets[leaders]] = leaders                                              # (G,) its history row
         items, cats = batch.hist_items[first], batch.hist_categories[first]         # (G, N)
         positions, mask = batch.hist_positions[first], batch.mask[first]
-        bias = emb.position_bias()
-        queries = emb.semantic("query", batch.target_item, batch.target_category)   # (B, D)
+        codes = {name: t[first] for name, t in batch.hist_features.items()}        # (G, N) each
+        bias = emb.score_bias(positions, codes)                                     # (G, N) or None
+        queries = emb.semantic("query", batch.target_item, batch.target_category, batch.target_features)  # (B, D)
         padded = queries.new_zeros(n_sets, width, queries.shape[-1]).index_put((sets, slot), queries)
         present = torch.zeros(n_sets, width, dtype=torch.bool, device=sets.device)
         present[sets, slot] = True
-        r = self.interest(keys=emb.semantic("key", items, cats), values=emb.values(items, cats, positions),
-                          bias=None if bias is None else bias[positions.clamp(max=bias.shape[0] - 1)],
-                          mask=mask, queries=padded, present=present)[sets, slot]  # (B, E)
+        r = self.interest(keys=emb.semantic("key", items, cats, codes),
+                          values=emb.values(items, cats, positions, codes),
+                          bias=bias, mask=mask, queries=padded, present=present)[sets, slot]  # (B, E)
         scores = None if self.training else self._scores(emb, batch, queries)
         return Interest(r=r, r_full=r if full else None, scores=scores)
 
@@ -129,16 +130,16 @@ class IFASearch(nn.Module):
     def _scores(self, emb: RoleEmbeddings, batch: Batch, queries: torch.Tensor) -> torch.Tensor:
         """log of the unnormalised history weights, log(phi(q) . phi(k_n)) + b(p_n): (B, N), like the
         two-stage searches' logits (their softmax is IFA's weights; analyses read it). Evaluation only."""
-        keys = emb.semantic("key", batch.hist_items, batch.hist_categories)        # (B, N, D)
+        keys = emb.semantic("key", batch.hist_items, batch.hist_categories, batch.hist_features)  # (B, N, D)
         scores = torch.einsum("bd,bnd->bn", feature_map(queries), feature_map(keys)).log()
-        bias = emb.position_bias()
+        bias = emb.score_bias(batch.hist_positions, batch.hist_features)
         if bias is not None:
-            scores = scores + bias[batch.hist_positions.clamp(max=bias.shape[0] - 1)]
+            scores = scores + bias
         return scores.masked_fill(~batch.mask, torch.finfo(scores.dtype).min)
 
 
 @register_search("ifa")
 def _ifa(config: ModelConfig) -> nn.Module:
     options = search_options(config, {"set_attention": True})
-    return IFASearch(query_dim=2 * config.attn_dim, token_dim=config.token_dim,
+    return IFASearch(query_dim=config.semantic_dim, token_dim=config.token_dim,
                      set_attention=bool(options["set_attention"]))

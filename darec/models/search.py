@@ -4,7 +4,8 @@ A search is an `nn.Module` built from a `ModelConfig` by the registry `SEARCHES`
 `search(embeddings, batch, full=...)`, returning an `Interest`. Adding a search (ETA, SDIM, ...)
 means one builder in this registry, never a branch in the model.
 
-Notation: B batch, L history length, K kept behaviours, d_A attention dim per field, E token width.
+Notation: B batch, L history length, K kept behaviours, d_A attention dim per field, D = (2 + n item
+features) d_A query/key width, E token width.
 """
 from __future__ import annotations
 
@@ -49,20 +50,22 @@ def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 
 class DotScore(nn.Module):
-    """TWIN/DARE score: <q, k> / sqrt(2 d_A) on [item; category] plus a learned bias per position."""
+    """TWIN/DARE score: <q, k> / sqrt(D) on [item; category; item features] (D = (2 + n) d_A) plus a learned
+    bias per position and per code of every context feature in the score (time gap, behaviour type)."""
 
     def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
-        query = emb.semantic("query", batch.target_item, batch.target_category)     # (B, 2 d_A)
-        keys = emb.semantic("key", batch.hist_items, batch.hist_categories)         # (B, L, 2 d_A)
+        query = emb.semantic("query", batch.target_item, batch.target_category, batch.target_features)  # (B, D)
+        keys = emb.semantic("key", batch.hist_items, batch.hist_categories, batch.hist_features)        # (B, L, D)
         scores = torch.einsum("bd,bld->bl", query, keys) / math.sqrt(query.shape[-1])  # (B, L)
-        bias = emb.position_bias()
+        bias = emb.score_bias(batch.hist_positions, batch.hist_features)              # (B, L) or None
         if bias is not None:
-            scores = scores + bias[batch.hist_positions.clamp(max=bias.shape[0] - 1)]
+            scores = scores + bias
         return scores
 
 
 class MLPScore(nn.Module):
-    """DIN's activation unit on [q, k, q - k, q * k], divided by the token width as the reference does."""
+    """DIN's activation unit on [q, k, q - k, q * k], divided by the token width as the reference does,
+    plus the context features' score bias (none by default; the position bias is not used, as in DIN)."""
 
     def __init__(self, token_dim: int, hidden: int = 36) -> None:
         super().__init__()
@@ -70,11 +73,13 @@ class MLPScore(nn.Module):
         self.scale = float(token_dim)
 
     def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
-        query = emb.semantic("query", batch.target_item, batch.target_category)      # (B, 2 d_A)
-        keys = emb.semantic("key", batch.hist_items, batch.hist_categories)          # (B, L, 2 d_A)
+        query = emb.semantic("query", batch.target_item, batch.target_category, batch.target_features)  # (B, D)
+        keys = emb.semantic("key", batch.hist_items, batch.hist_categories, batch.hist_features)        # (B, L, D)
         query = query.unsqueeze(1).expand_as(keys)
-        features = torch.cat([query, keys, query - keys, query * keys], dim=-1)      # (B, L, 8 d_A)
-        return self.mlp(features).squeeze(-1) / self.scale                           # (B, L)
+        features = torch.cat([query, keys, query - keys, query * keys], dim=-1)      # (B, L, 4 D)
+        scores = self.mlp(features).squeeze(-1) / self.scale                         # (B, L)
+        bias = emb.score_bias(None, batch.hist_features)
+        return scores if bias is None else scores + bias
 
 
 def select_topk(scores: torch.Tensor, batch: Batch, k: int) -> torch.Tensor:
@@ -115,7 +120,7 @@ def attend(emb: RoleEmbeddings, batch: Batch, logits: torch.Tensor, index: torch
         batch = batch.take_history(index)                                           # (B, K) fields
         logits = logits.gather(1, index)                                            # (B, K)
     weights = masked_softmax(logits, batch.mask)                                    # (B, K)
-    values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, K, E)
+    values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions, batch.hist_features)  # (B, K, E)
     return torch.einsum("bk,bke->be", weights, values), weights
 
 
@@ -147,7 +152,7 @@ register_search = registrar(SEARCHES)
 
 
 def _scorer(config: ModelConfig) -> nn.Module:
-    return DotScore() if config.score == "dot" else MLPScore(2 * config.attn_dim)
+    return DotScore() if config.score == "dot" else MLPScore(config.semantic_dim)
 
 
 @register_search("topk")

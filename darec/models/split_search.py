@@ -41,8 +41,9 @@ class RepresentationScore(nn.Module):
     The GSU's tables play no part, so with decoupled tables the ESU and GSU are trained apart, as in SIM."""
 
     def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
-        target = emb.target(batch.target_item, batch.target_category)                      # (B, E)
-        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions)  # (B, L, E)
+        target = emb.target(batch.target_item, batch.target_category, batch.target_features)  # (B, E)
+        values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions,
+                            batch.hist_features)                                               # (B, L, E)
         return torch.einsum("be,ble->bl", target, values) / math.sqrt(target.shape[-1])    # (B, L)
 
 

@@ -23,7 +23,7 @@ __all__ = ["TwoStageModel", "ModelOutput", "EmbeddingSet", "build_model", "init_
 
 @dataclass(frozen=True)
 class ModelOutput:
-    """logit: (B,) main head; aux_logit: (B,) or None; features: (B, M 3E) head input (discriminability
+    """logit: (B,) main head; aux_logit: (B,) or None; features: (B, head_dim) head input (discriminability
     analysis); interest: what the (first set's) search kept and how it weighted it."""
 
     logit: torch.Tensor
@@ -63,13 +63,15 @@ class TwoStageModel(nn.Module):
         full = self.aux_head is not None and self.training
         features, aux_features, interests = [], [], []
         for embeddings, search in self.embedding_sets:
-            target = embeddings.target(batch.target_item, batch.target_category)         # (B, E)
+            target = embeddings.target(batch.target_item, batch.target_category, batch.target_features)  # (B, E)
+            user = embeddings.user(batch.user_features)                                   # (B, n_u d_R) or None
             interest = search(embeddings, batch, full=full)
-            features.append(head_features(target, interest.r, target_aware=self.config.target_aware))
+            features.append(head_features(target, interest.r, target_aware=self.config.target_aware, user=user))
             if interest.r_full is not None:
-                aux_features.append(head_features(target, interest.r_full, target_aware=self.config.target_aware))
+                aux_features.append(head_features(target, interest.r_full, target_aware=self.config.target_aware,
+                                                  user=user))
             interests.append(interest)
-        head_input = torch.cat(features, dim=-1)                                           # (B, M 3E)
+        head_input = torch.cat(features, dim=-1)                                           # (B, head_dim)
         aux_logit = self.aux_head(torch.cat(aux_features, dim=-1)) if aux_features else None
         return ModelOutput(logit=self.head(head_input), aux_logit=aux_logit, features=head_input,
                            interest=interests[0])
@@ -87,7 +89,7 @@ def init_weights(model: nn.Module, *, std: float, legacy: bool = False) -> None:
 
 def build_model(config: ModelConfig) -> TwoStageModel:
     embeddings = RoleEmbeddings(config)
-    width = config.n_embedding_sets * (3 if config.target_aware else 2) * config.token_dim
+    width = config.head_dim
     model = TwoStageModel(
         config=config, embeddings=embeddings, search=build_search(config),
         head=MLPHead(width, config.hidden),

@@ -96,6 +96,11 @@ def export_model(model: TwoStageModel, out: str | Path, *, preset: str | None = 
     than the traced one before anything is written."""
     from darec.serve.scorer import ScorerModule
 
+    if model.config.features:
+        raise ConfigError(f"cannot export this model: it reads side features "
+                          f"({', '.join(f.name for f in model.config.features)}), which the exported program's "
+                          "inputs do not carry yet; serve it with `darec serve` / `darec predict`, or train with "
+                          "--features none")
     try:
         module = ScorerModule(copy.deepcopy(model).cpu().eval(), fused=False)  # the caller's model is left as is
     except ConfigError as err:

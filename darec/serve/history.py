@@ -7,8 +7,8 @@ Notation: U users, C candidates per user, N history length.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -27,13 +27,17 @@ class History:
     """Behaviour histories, oldest first and left-padded like `Batch`.
 
     items, categories: (U, N) int64; mask: (U, N) bool, True at real behaviours (default: item != 0);
-    positions: (U, N) or (N,) int64 target-relative positions (default N..1, 1 = most recent).
+    positions: (U, N) or (N,) int64 target-relative positions (default N..1, 1 = most recent);
+    features: side-feature codes of the behaviours by name, (U, N) each (what a model with side features
+    reads, see darec.data.loader.history_features); user_features: (U,) codes of the users' features.
     """
 
     items: torch.Tensor
     categories: torch.Tensor
     mask: torch.Tensor | None = None
     positions: torch.Tensor | None = None
+    features: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    user_features: Mapping[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def left_pad(cls, items: Sequence[np.ndarray], categories: Sequence[np.ndarray], *,
@@ -65,8 +69,19 @@ class History:
         mask = items != 0 if self.mask is None else torch.as_tensor(self.mask).reshape(items.shape)
         positions = torch.arange(n, 0, -1) if self.positions is None else torch.as_tensor(self.positions)
         positions = positions.reshape(-1, n).expand(items.shape[0], n)                # (U, N)
+        features = {name: torch.as_tensor(codes).reshape(items.shape).to(device).long()
+                    for name, codes in self.features.items()}
+        users = {name: torch.as_tensor(codes).reshape(items.shape[0]).to(device).long()
+                 for name, codes in self.user_features.items()}
         return History(items=items.to(device).long(), categories=cats.to(device).long(),
-                       mask=mask.to(device).bool(), positions=positions.to(device).long())
+                       mask=mask.to(device).bool(), positions=positions.to(device).long(), features=features,
+                       user_features=users)
+
+    def rows(self, rows: slice) -> "History":
+        """The resolved history of users `rows` only."""
+        return History(items=self.items[rows], categories=self.categories[rows], mask=self.mask[rows],
+                       positions=self.positions[rows], features={n: t[rows] for n, t in self.features.items()},
+                       user_features={n: t[rows] for n, t in self.user_features.items()})
 
     def left_padded_to(self, length: int) -> "History":
         """A resolved history widened to at least `length` slots by masked padding on the left (never cut).
@@ -78,7 +93,9 @@ class History:
             return self
         pad = (length - n, 0)
         return History(items=F.pad(self.items, pad), categories=F.pad(self.categories, pad),
-                       mask=F.pad(self.mask, pad), positions=F.pad(self.positions, pad))
+                       mask=F.pad(self.mask, pad), positions=F.pad(self.positions, pad),
+                       features={n: F.pad(t, pad) for n, t in self.features.items()},
+                       user_features=self.user_features)
 
 
 def resolve_candidates(h: History, items: torch.Tensor, cats: torch.Tensor, device: torch.device

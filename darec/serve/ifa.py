@@ -18,5 +18,5 @@ def _serve_ifa(inputs: _SearchInputs) -> SearchResult:
     h = inputs.history
     present = torch.ones(inputs.queries.shape[:2], dtype=torch.bool, device=inputs.queries.device)  # (U, C)
     return SearchResult(interest=inputs.search.interest(
-        keys=inputs.keys, values=inputs.emb.values(h.items, h.categories, h.positions), bias=inputs.bias,
+        keys=inputs.keys, values=inputs.emb.values(h.items, h.categories, h.positions, h.features), bias=inputs.bias,
         mask=h.mask, queries=inputs.queries, present=present))                                    # (U, C, E)

@@ -24,6 +24,7 @@ from polars.io.plugins import register_io_source
 from tqdm import tqdm
 
 from darec.data.id_maps import IdMaps, RawIdError, UnknownPolicy
+from darec.data.loader import history_features
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError, DataError
 from darec.io import atomic_file
@@ -57,7 +58,7 @@ def load_scorer(checkpoint: str | Path, dataset: PreparedDataset, *, device: str
     from darec.train.trainer import resolve_device
 
     checkpoint = checkpoint_file(checkpoint)
-    scorer = Scorer.load(checkpoint, device=resolve_device(device))
+    scorer = Scorer.load(checkpoint, device=resolve_device(device), item_features=dataset.item_features)
     for what in ("n_items", "n_categories"):
         trained, here = getattr(scorer.config, what), getattr(dataset, what)
         if trained != here:
@@ -67,7 +68,8 @@ def load_scorer(checkpoint: str | Path, dataset: PreparedDataset, *, device: str
 
 
 def user_histories(dataset: PreparedDataset, users: np.ndarray, length: int) -> History:
-    """The last `length` clicks of each prepared user, left-padded: (U, length), one gather, no loop."""
+    """The last `length` clicks of each prepared user, left-padded: (U, length), one gather, no loop; with the
+    dataset's side features (time fields as seen right after the user's latest behaviour)."""
     users = np.asarray(users, dtype=np.int64)
     offsets = np.asarray(dataset.offsets)
     hi = offsets[users + 1]
@@ -77,8 +79,13 @@ def user_histories(dataset: PreparedDataset, users: np.ndarray, length: int) -> 
     index = np.where(real, index, 0)
     items = np.where(real, np.asarray(dataset.items[index.reshape(-1)]).reshape(index.shape), 0)
     cats = np.where(real, np.asarray(dataset.categories[index.reshape(-1)]).reshape(index.shape), 0)
+    latest = np.asarray(dataset.timestamps)[np.maximum(hi - 1, 0)]               # (U,) the reference time
+    features = history_features(dataset, index, real, latest)
     return History(items=torch.from_numpy(items.astype(np.int64)), categories=torch.from_numpy(cats.astype(np.int64)),
-                   mask=torch.from_numpy(real))
+                   mask=torch.from_numpy(real),
+                   features={n: torch.from_numpy(c.astype(np.int64)) for n, c in features.items()},
+                   user_features={n: torch.from_numpy(np.asarray(a)[users].astype(np.int64))
+                                  for n, a in dataset.user_features.items()})
 
 
 def score_pairs(scorer: Scorer, dataset: PreparedDataset, users: np.ndarray, items: np.ndarray,

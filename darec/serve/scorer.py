@@ -11,14 +11,21 @@ The hashing baselines share the user pass too: ETA hashes the N keys once and ra
 distance per candidate; SDIM builds its per-user bucket sums once, after which a candidate costs m
 lookups, independent of N (its serving form, which is what makes it fast).
 
-Notation: U users, C candidates per user, N history length, K kept behaviours, D = 2 K_A, E token width.
+Side features (docs/features.md): the history's codes travel in `History.features`, the candidates'
+item-feature codes are looked up from the item ids in the tables given to the Scorer (`item_features`,
+the dataset's; `darec.serve.predict.load_scorer` passes them), the users' codes in `History.user_features`.
+
+Notation: U users, C candidates per user, N history length, K kept behaviours, D = (2 + item features) K_A,
+E token width.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 import torch
 
@@ -53,9 +60,9 @@ class _SearchInputs:
     emb: RoleEmbeddings
     search: torch.nn.Module   # the model's training search (its hash planes, for ETA and SDIM)
     history: History          # resolved: (U, N) tensors
-    queries: torch.Tensor     # (U, C, 2 d_A)
-    keys: torch.Tensor        # (U, N, 2 d_A), once per user
-    bias: torch.Tensor | None  # (U, N) position score bias
+    queries: torch.Tensor     # (U, C, D)
+    keys: torch.Tensor        # (U, N, D), once per user
+    bias: torch.Tensor | None  # (U, N) score bias (position and context features)
     cand_categories: torch.Tensor  # (U, C)
     top_k: int
     fused: bool | None
@@ -112,7 +119,7 @@ def _serve_sdim(inputs: _SearchInputs) -> SearchResult:
     """SDIM: per user, the sum of value tokens in every (hash, bucket), built once from all N
     behaviours; per candidate, its m buckets' sums are looked up and combined."""
     h, sdim = inputs.history, inputs.search
-    values = inputs.emb.values(h.items, h.categories, h.positions)                     # (U, N, E)
+    values = inputs.emb.values(h.items, h.categories, h.positions, h.features)         # (U, N, E)
     return SearchResult(interest=sdim.lookup(sdim.user_cache(inputs.keys, values, h.mask), inputs.queries))
 
 
@@ -150,33 +157,37 @@ class ScorerModule(torch.nn.Module):
         self._search = SERVE_SEARCHES[config.search]
 
     def forward(self, hist_items: torch.Tensor, hist_categories: torch.Tensor, hist_mask: torch.Tensor,
-                hist_positions: torch.Tensor, cand_items: torch.Tensor, cand_categories: torch.Tensor
-                ) -> torch.Tensor:
-        """Main-head logits (U, C): every embedding set's head input side by side, as in training."""
-        h = History(items=hist_items, categories=hist_categories, mask=hist_mask, positions=hist_positions)
+                hist_positions: torch.Tensor, cand_items: torch.Tensor, cand_categories: torch.Tensor,
+                hist_features: Mapping[str, torch.Tensor] | None = None,
+                cand_features: Mapping[str, torch.Tensor] | None = None,
+                user_features: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Main-head logits (U, C): every embedding set's head input side by side, as in training.
+        Side-feature codes (models with side features only): history (U, N), candidates (U, C), users (U,)."""
+        h = History(items=hist_items, categories=hist_categories, mask=hist_mask, positions=hist_positions,
+                    features=hist_features or {})
         u, c = cand_items.shape
         features = []
         for emb, search in self.model.embedding_sets:  # M sets (1 unless multi-embedding)
-            found = self._search(self._inputs(emb, search, h, cand_items, cand_categories))
+            found = self._search(self._inputs(emb, search, h, cand_items, cand_categories, cand_features))
             r = found.interest if found.interest is not None else self._attend(emb, h, found)  # (U, C, E)
-            target = emb.target(cand_items, cand_categories)                            # (U, C, E)
-            features.append(head_features(target, r, target_aware=self.config.target_aware))  # (U, C, 3E)
+            target = emb.target(cand_items, cand_categories, cand_features)             # (U, C, E)
+            user = emb.user(user_features)                                              # (U, n_u d_R) or None
+            user = None if user is None else user.unsqueeze(1).expand(-1, c, -1)        # (U, C, n_u d_R)
+            features.append(head_features(target, r, target_aware=self.config.target_aware, user=user))
         return self.model.head(torch.cat(features, dim=-1).reshape(u * c, -1)).reshape(u, c)
 
-    def search(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> SearchResult:
+    def search(self, h: History, items: torch.Tensor, cats: torch.Tensor,
+               cand_features: Mapping[str, torch.Tensor] | None = None) -> SearchResult:
         """The (first embedding set's) search stage on a resolved history: kept positions and their logits."""
-        return self._search(self._inputs(self.model.embeddings, self.model.search, h, items, cats))
+        return self._search(self._inputs(self.model.embeddings, self.model.search, h, items, cats, cand_features))
 
     def _inputs(self, emb: RoleEmbeddings, search: torch.nn.Module, h: History, items: torch.Tensor,
-                cats: torch.Tensor) -> _SearchInputs:
-        bias = emb.position_bias()                                                   # (P,)
-        if bias is not None:
-            bias = bias[h.positions.clamp(max=bias.shape[0] - 1)]                    # (U, N)
+                cats: torch.Tensor, cand_features: Mapping[str, torch.Tensor] | None) -> _SearchInputs:
         return _SearchInputs(
-            emb=emb, search=search, history=h, bias=bias, cand_categories=cats, top_k=self.config.top_k,
-            fused=self.fused,
-            queries=emb.semantic("query", items, cats),                              # (U, C, 2 d_A)
-            keys=emb.semantic("key", h.items, h.categories))                         # (U, N, 2 d_A)
+            emb=emb, search=search, history=h, cand_categories=cats, top_k=self.config.top_k, fused=self.fused,
+            bias=emb.score_bias(h.positions, h.features),                            # (U, N) or None
+            queries=emb.semantic("query", items, cats, cand_features),               # (U, C, D)
+            keys=emb.semantic("key", h.items, h.categories, h.features))             # (U, N, D)
 
     @staticmethod
     def _attend(emb: RoleEmbeddings, h: History, found: SearchResult) -> torch.Tensor:
@@ -184,9 +195,9 @@ class ScorerModule(torch.nn.Module):
         u, c, k = found.index.shape
         flat = found.index.reshape(u, c * k)                                         # (U, C K)
         kept = [t.gather(1, flat).reshape(u, c, k) for t in (h.items, h.categories, h.positions, h.mask)]
+        codes = {n: t.gather(1, flat).reshape(u, c, k) for n, t in h.features.items()}
         weights = masked_softmax(found.logits, kept[3])                              # (U, C, K)
-        values = emb.values(kept[0], kept[1], kept[2])                               # (U, C, K, E)
-        return torch.einsum("uck,ucke->uce", weights, values)
+        return emb.weighted_values(weights, kept[0], kept[1], kept[2], codes)        # (U, C, E)
 
 
 class Scorer:
@@ -199,15 +210,32 @@ class Scorer:
     """
 
     def __init__(self, model: TwoStageModel, *, fused: bool | None = None,
-                 max_scores: int = DEFAULT_MAX_SCORES) -> None:
+                 max_scores: int = DEFAULT_MAX_SCORES,
+                 item_features: Mapping[str, np.ndarray | torch.Tensor] | None = None) -> None:
         self.module = ScorerModule(model, fused=fused)
         self.model = self.module.model
         self.config = self.module.config
         self.max_scores = max_scores
+        self.item_features: dict[str, torch.Tensor] = {}
+        self.use_item_features(item_features or {})
 
     @classmethod
-    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", fused: bool | None = None) -> "Scorer":
-        return cls(load_model_checkpoint(path, device=device), fused=fused)
+    def load(cls, path: str | Path, *, device: str | torch.device = "cpu", fused: bool | None = None,
+             item_features: Mapping[str, np.ndarray | torch.Tensor] | None = None) -> "Scorer":
+        return cls(load_model_checkpoint(path, device=device), fused=fused, item_features=item_features)
+
+    def use_item_features(self, tables: Mapping[str, np.ndarray | torch.Tensor]) -> None:
+        """Item id -> code tables (n_items,) of the model's item features (a dataset's `item_features`), from
+        which candidates' codes are looked up; tables of features the model does not read are ignored."""
+        self.item_features = {name: torch.as_tensor(np.asarray(tables[name], dtype=np.int64)).to(self.device)
+                              for name in self.config.item_features if name in tables}
+
+    def _candidate_features(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
+        missing = [n for n in self.config.item_features if n not in self.item_features]
+        if missing:
+            raise ConfigError(f"this model reads item feature(s) {missing}: give the Scorer the dataset's item "
+                              "features (Scorer(..., item_features=dataset.item_features))")
+        return {name: table[items] for name, table in self.item_features.items()}
 
     @property
     def fused(self) -> bool | None:
@@ -221,17 +249,22 @@ class Scorer:
     def search(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> SearchResult:
         """The search stage alone for one chunk of users: kept positions and their logits (U, C, K)."""
         h = history.resolved(self.device)
-        return self.module.search(h, *resolve_candidates(h, cand_items, cand_categories, self.device))
+        items, cats = resolve_candidates(h, cand_items, cand_categories, self.device)
+        return self.module.search(h, items, cats, self._candidate_features(items))
 
     @torch.inference_mode()
     def logits(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
         """Main-head logits (U, C); users are processed in chunks that bound the score matrix."""
         h = history.resolved(self.device)
         items, cats = resolve_candidates(h, cand_items, cand_categories, self.device)
+        cand = self._candidate_features(items)
         (u, c), n = items.shape, h.items.shape[1]
-        return torch.cat([self.module(h.items[rows], h.categories[rows], h.mask[rows], h.positions[rows],
-                                      items[rows], cats[rows])
-                          for rows in user_chunks(u, c, n, self.max_scores)])  # a few chunks, each vectorised
+        parts = []
+        for rows in user_chunks(u, c, n, self.max_scores):  # a few chunks, each vectorised
+            part = h.rows(rows)
+            parts.append(self.module(part.items, part.categories, part.mask, part.positions, items[rows], cats[rows],
+                                     part.features, {k: v[rows] for k, v in cand.items()}, part.user_features))
+        return torch.cat(parts)
 
     def score(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
         """Click probabilities (U, C)."""

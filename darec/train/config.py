@@ -90,6 +90,22 @@ class TrainConfig(BaseModel):
     embedding_optimizer: Literal["adam", "rowwise_adagrad"] = Field(
         "adam", description="fused optimiser of torchrec tables (fbgemm: adam on CUDA only, rowwise_adagrad anywhere)")
     deterministic: bool = Field(True, description="deterministic kernels: a resumed run equals an uninterrupted one")
+    features: Literal["all", "none"] | tuple[str, ...] = Field(
+        "all", description="side features the model reads (docs/features.md): all (every one the dataset has), none "
+                           "(item and category only: the paper's model), or names, NAME,NAME on the command line")
+
+    @field_validator("features", mode="before")
+    @classmethod
+    def _feature_names(cls, value: Any) -> Any:
+        """`brand,shop` (the command line's form) -> ("brand", "shop"); all / none stay as they are."""
+        if isinstance(value, str) and value not in ("all", "none"):
+            value = value.split(",")
+        if isinstance(value, (list, tuple)):
+            names = tuple(str(v).strip() for v in value)
+            if not names or not all(names):
+                raise ValueError("expected all, none or feature names separated by commas")
+            return names
+        return value
 
     @field_validator("device")
     @classmethod

@@ -22,7 +22,7 @@ from scipy.optimize import minimize_scalar
 from tqdm.auto import tqdm
 
 from darec.checkpoint import load_checkpoint, save_checkpoint
-from darec.data.loader import BatchLoader
+from darec.data.loader import BatchLoader, feature_fields
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError
 from darec.io import write_json, write_text
@@ -51,9 +51,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def model_config_for(dataset: PreparedDataset, config: TrainConfig) -> ModelConfig:
+    """The preset's config for `dataset`: its vocabularies, and the side features `config.features` selects."""
     max_len = config.max_len or dataset.max_len
+    features = feature_fields(dataset, config.features)
     return preset_config(config.preset, n_items=dataset.n_items, n_categories=dataset.n_categories,
-                         **{"max_len": max_len, **config.model})
+                         **{"max_len": max_len, "features": features, **config.model})
 
 
 class RowSparseAdam(torch.optim.Optimizer):
@@ -338,6 +340,7 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     cluster.on_main(lambda: claim_run_dir(out_dir, {"darec_run": 1, "config": config.to_dict(), "environment": env}))
     model_config = model_config_for(dataset, config)
     max_len = model_config.max_len
+    read = [f.name for f in model_config.features]  # the loaders gather only what the model reads
 
     # CPU embedding backward accumulates in a thread-dependent order unless asked not to; on CUDA
     # some kernels have no deterministic variant, hence warn_only.
@@ -352,10 +355,10 @@ def train(*, data: PreparedDataset | str | Path, config: TrainConfig, out_dir: s
     l2_weights = regularised_weights(model)
     train_loader = BatchLoader(dataset, "train", batch_size=config.batch_size, shuffle=True,
                                seed=config.seed, max_len=max_len, device=device,
-                               group_sets=groups_sets(config, model), shard=cluster.shard)
+                               group_sets=groups_sets(config, model), shard=cluster.shard, features=read)
     val_loader = BatchLoader(dataset, "val", batch_size=config.eval_batch_size, shuffle=False,
                              seed=0, max_len=max_len, device=device, group_sets=model.uses_candidate_sets,
-                             shard=cluster.shard)
+                             shard=cluster.shard, features=read)
     probe = LogitGradients() if config.record_logit_gradients else None
     steps_per_epoch = len(train_loader)
     eval_every = config.eval_every or max(1, steps_per_epoch // 4)
@@ -448,7 +451,7 @@ def _finish(model: TwoStageModel, dataset: PreparedDataset, config: TrainConfig,
     load_plain_state_dict(model, best["model"])
     loaders = {split: BatchLoader(dataset, split, batch_size=config.eval_batch_size, shuffle=False, seed=0,
                                   max_len=model_config.max_len, device=device, group_sets=model.uses_candidate_sets,
-                                  shard=cluster.shard)
+                                  shard=cluster.shard, features=[f.name for f in model_config.features])
                for split in ("val", "test")}
     preds = {split: predict(model, loader, device=device, precision=config.precision)
              for split, loader in loaders.items()}
