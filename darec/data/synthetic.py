@@ -111,7 +111,13 @@ class PlantedTruth:
     strong_weight: float = 1.0
 
     def decay(self, position):
-        """Weight of the click `position` steps before the target (1 = the latest)."""
+        """Weight of the click `position` steps before the target (1 = the latest). Refused on data whose
+        weights depend on more than the position (time decay, strong behaviour types): the analyses'
+        position-based ground truth would be wrong there, silently."""
+        if self.time_unit is not None or self.strong_weight != 1.0:
+            raise DataError("this planted data weighs clicks by time gap or behaviour type, not by position "
+                            "alone; the position-based ground truth (attention, retrieval analyses) does not "
+                            "apply: make the data without --time-decay and --strong-fraction")
         return np.exp(-self.decay_rate * (np.asarray(position, dtype=np.float64) - 1))
 
     def log_decay_at_gap(self, gap_seconds):

@@ -108,6 +108,9 @@ def test_time_decay_follows_the_clock_not_the_steps():
     assert truth.log_decay_at_gap([0, 60, 120]) == pytest.approx([0.0, -1.0, -2.0])
     with pytest.raises(DataError, match="steps"):
         generate(SyntheticConfig(**SMALL))[1].log_decay_at_gap(60)
+    # the position-based truth the analyses use would be wrong here: refused, not silently used
+    with pytest.raises(DataError, match="not by position"):
+        truth.relevance(np.array([1]), np.array([2]), np.array([1]))
 
 
 def test_prepared_side_signals_are_features(tmp_path):
