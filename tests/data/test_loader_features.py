@@ -79,7 +79,7 @@ def test_numpy_and_torch_gathers_agree(dataset):
     fields = {"time_gap": 13, "hour": 25, "weekday": 8}
     index, mask = history_index(offsets, users, cuts, 9)
     expected = history_codes(events, stamps, fields, index, mask, stamps[offsets[users] + cuts])
-    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64))  # noqa: E731
+    t = lambda a: torch.from_numpy(np.array(a, dtype=np.int64))  # noqa: E731  (a writable copy)
     t_index, t_mask = history_index(t(offsets), t(users), t(cuts), 9)
     got = history_codes({n: t(a) for n, a in events.items()}, t(stamps), fields, t_index, t_mask,
                         t(stamps)[t(offsets)[t(users)] + t(cuts)])
