@@ -36,7 +36,7 @@ from darec.data.id_maps import ID_KINDS, IdMaps, UnknownPolicy
 from darec.data.store import PreparedDataset
 from darec.errors import DataError
 from darec.serve.batching import MicroBatcher
-from darec.serve.predict import load_scorer
+from darec.serve.predict import load_scorer, user_histories
 from darec.serve.scorer import History
 
 __all__ = ["ServeSettings", "ScoreRequest", "ScoreResponse", "IntId", "StrId", "create_app", "app_from_environment",
@@ -171,11 +171,19 @@ class _Model:
         if request.history is not None and len(request.history.items) > self.settings.max_history:
             raise HTTPException(413, f"history of {len(request.history.items)} behaviours, at most "
                                      f"{self.settings.max_history}")
+        features = self.scorer.config.features
+        if request.history is not None and features:
+            raise HTTPException(422, f"history: this model reads side features "
+                                     f"({', '.join(f.name for f in features)}), which an explicit history does "
+                                     "not carry; send a stored `user` instead")
         items, known = self._encode("item", cands.items, "candidates.items", allow_unknown=True)
         categories = self._item_categories(items, cands.categories, "candidates.categories")
-        hist_items, hist_categories = (self._stored_history(request.user) if request.history is None
-                                       else self._given_history(request.history))
-        return _Encoded(hist_items=hist_items, hist_categories=hist_categories, cand_items=items,
+        if request.history is None:
+            user = int(self._encode("user", [request.user], "user", allow_unknown=False)[0][0])
+            hist_items, hist_categories = self._stored_history(user)
+        else:
+            user, (hist_items, hist_categories) = None, self._given_history(request.history)
+        return _Encoded(user=user, hist_items=hist_items, hist_categories=hist_categories, cand_items=items,
                         cand_categories=categories, raw_candidates=np.asarray(cands.items, dtype=object),
                         known=known, top_k=request.top_k)
 
@@ -197,7 +205,11 @@ class _Model:
     def _score_group(self, group: list["_Encoded"]) -> list[bytes]:
         """One Scorer call for U requests: (U, N) left-padded histories, (U, C) right-padded candidates."""
         length = max(1, max(len(e.hist_items) for e in group))  # 1 masked slot if every history is empty
-        history = History.left_pad([e.hist_items for e in group], [e.hist_categories for e in group], length=length)
+        if self.scorer.config.features:  # stored users only (encode refuses explicit histories): their side features too
+            history = user_histories(self.dataset, np.array([e.user for e in group], dtype=np.int64), length)
+        else:
+            history = History.left_pad([e.hist_items for e in group], [e.hist_categories for e in group],
+                                       length=length)
         width = max(len(e.cand_items) for e in group)
         items, categories = np.zeros((2, len(group), width), dtype=np.int64)  # padding item 0, category 0
         for row, encoded in enumerate(group):
@@ -226,9 +238,8 @@ class _Model:
             return self.item_categories[items]
         return self._encode("category", raw, field, allow_unknown=True)[0]
 
-    def _stored_history(self, user: int | str) -> tuple[np.ndarray, np.ndarray]:
-        """The user's most recent max_len behaviours, read from the memory-mapped dataset."""
-        row = int(self._encode("user", [user], "user", allow_unknown=False)[0][0])
+    def _stored_history(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """The most recent max_len behaviours of prepared user `row`, read from the memory-mapped dataset."""
         lo, hi = int(self.dataset.offsets[row]), int(self.dataset.offsets[row + 1])
         lo = max(lo, hi - self.max_len)
         return (np.asarray(self.dataset.items[lo:hi], dtype=np.int64),
@@ -248,6 +259,7 @@ class _Model:
 class _Encoded:
     """One validated request in internal ids, waiting for its batch."""
 
+    user: int | None             # the prepared user's row, None for an explicit history
     hist_items: np.ndarray       # (N,) oldest first, N <= max_len; 0 = an unknown behaviour (masked)
     hist_categories: np.ndarray  # (N,)
     cand_items: np.ndarray       # (C,)

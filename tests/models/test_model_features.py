@@ -258,6 +258,35 @@ def test_explicit_history_without_features_is_refused(full_ds):
     assert "\n" not in str(info.value)
 
 
+def test_service_serves_feature_models_for_stored_users(full_ds, tmp_path):
+    """`darec serve` with a feature model: a stored user's reply equals the Scorer on the dataset history with
+    its features (as `darec predict` builds it); an explicit history, which carries no features, is a 422."""
+    from fastapi.testclient import TestClient
+
+    from darec.checkpoint import save_checkpoint
+    from darec.data.id_maps import IdMaps
+    from darec.serve.app import create_app
+    from darec.serve.predict import load_scorer, user_histories
+
+    config = preset_config("dare", n_items=full_ds.n_items, n_categories=full_ds.n_categories, dim=4,
+                           max_len=SMALL.max_len, features=feature_fields(full_ds), init_std=0.2)
+    torch.manual_seed(2)
+    save_checkpoint(tmp_path / "best.pt", {"model_config": config.to_dict(), "model": build_model(config).state_dict(),
+                                           "step": 1})
+    ids = IdMaps.open(full_ds.path)
+    user, items = ids.decode("user", [3])[0], ids.decode("item", [1, 2, 5]).to_list()
+    scorer = load_scorer(tmp_path / "best.pt", full_ds)
+    cand = torch.tensor([[1, 2, 5]])
+    expected = scorer.score(user_histories(full_ds, np.array([3]), SMALL.max_len), cand,
+                            torch.from_numpy(np.asarray(full_ds.item_categories, dtype=np.int64))[cand])[0]
+    with TestClient(create_app(tmp_path / "best.pt", full_ds.path)) as client:
+        reply = client.post("/score", json={"user": user, "candidates": {"items": items}})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["scores"] == pytest.approx(expected.tolist(), abs=1e-6)
+        refused = client.post("/score", json={"history": {"items": items}, "candidates": {"items": items}})
+        assert refused.status_code == 422 and "side features" in refused.json()["detail"]
+
+
 def test_export_refuses_feature_models(full_ds, tmp_path):
     model = build_model(preset_config("dare", n_items=full_ds.n_items, n_categories=full_ds.n_categories, dim=4,
                                       features=feature_fields(full_ds, ("brand",))))
