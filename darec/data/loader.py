@@ -263,17 +263,18 @@ class BatchLoader:
         if self._on_device:
             columns = {k: v.to(self.device, non_blocking=True) for k, v in columns.items()}
             label = label.to(self.device, non_blocking=True)
-            hist_items, hist_cats, mask = gather_histories(*self._csr, columns["user"], columns["cut"], self.max_len)
+            users, cuts, items = columns["user"], columns["cut"], columns["item"]
         else:
-            hi, hc, m = gather_histories(*self._csr, rows["user"], rows["cut"], self.max_len)
-            hist_items, hist_cats = torch.from_numpy(hi.astype(np.int64)), torch.from_numpy(hc.astype(np.int64))
-            mask = torch.from_numpy(m)
+            users, cuts, items = (rows[k].astype(np.int64) for k in ("user", "cut", "item"))
+        slots, mask = history_index(self._csr[0], users, cuts, self.max_len)  # (B, L), shared by every field
+        hist_items, hist_cats = (self._tensor(_take(values, slots, mask)) for values in self._csr[1:])
         positions = self._positions.expand(len(index), -1).contiguous()  # (B, L), same for every row
         sets = torch.from_numpy(np.unique(_request_keys(rows), return_inverse=True)[1].reshape(-1))
-        return Batch(hist_items=hist_items, hist_categories=hist_cats, hist_positions=positions, mask=mask,
+        return Batch(hist_items=hist_items, hist_categories=hist_cats, hist_positions=positions,
+                     mask=mask if self._on_device else torch.from_numpy(mask),
                      target_item=columns["item"], target_category=columns["category"], label=label,
                      user=columns["user"], candidate_set=sets.to(self.device, non_blocking=True),
-                     **self._features(rows, columns))
+                     **self._features(users, cuts, items, slots, mask))
 
     def _array(self, values: np.ndarray) -> Any:
         """A code array as the gather reads it: int64 on the device, or the memory-mapped numpy array."""
@@ -281,22 +282,21 @@ class BatchLoader:
             return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(self.device)
         return np.asarray(values)
 
-    def _features(self, rows: np.ndarray, columns: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-        """hist_features (B, L), target_features and user_features (B,) of the batch: the same vectorised
-        index as the items, and the time fields from the timestamps (the target's is its event's)."""
+    def _tensor(self, codes: Any) -> torch.Tensor:
+        """Gathered codes as the batch holds them: int64 tensors (already so on the device)."""
+        return codes if self._on_device else torch.from_numpy(np.asarray(codes, dtype=np.int64))
+
+    def _features(self, users: Any, cuts: Any, items: Any, slots: Any, mask: Any) -> dict[str, dict[str, torch.Tensor]]:
+        """hist_features (B, L), target_features and user_features (B,) of the batch: gathered at the items'
+        CSR index `slots`, and the time fields from the timestamps (the target's is its event's)."""
         if not any(self._tables.values()):
             return {}
-        users, cuts, items = ((columns[k] for k in ("user", "cut", "item")) if self._on_device
-                              else (rows["user"].astype(np.int64), rows["cut"].astype(np.int64),
-                                    rows["item"].astype(np.int64)))
-        index, mask = history_index(self._csr[0], users, cuts, self.max_len)
         stamps = self._tables.get("time", {}).get("timestamps")
         reference = None if stamps is None else stamps[self._csr[0][users] + cuts]   # (B,) the target's time
-        hist = history_codes(self._tables["event"], stamps, self._time_fields, index, mask, reference)
-        as_tensor = (lambda a: a) if self._on_device else (lambda a: torch.from_numpy(np.asarray(a, dtype=np.int64)))
-        return {"hist_features": {n: as_tensor(a) for n, a in hist.items()},
-                "target_features": {n: as_tensor(a[items]) for n, a in self._tables["item"].items()},
-                "user_features": {n: as_tensor(a[users]) for n, a in self._tables["user"].items()}}
+        hist = history_codes(self._tables["event"], stamps, self._time_fields, slots, mask, reference)
+        return {"hist_features": {n: self._tensor(a) for n, a in hist.items()},
+                "target_features": {n: self._tensor(a[items]) for n, a in self._tables["item"].items()},
+                "user_features": {n: self._tensor(a[users]) for n, a in self._tables["user"].items()}}
 
 
 def history_codes(events: Mapping[str, Any], stamps: Any, time_fields: Mapping[str, int], index: Any, mask: Any,

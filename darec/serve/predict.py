@@ -24,7 +24,7 @@ from polars.io.plugins import register_io_source
 from tqdm import tqdm
 
 from darec.data.id_maps import IdMaps, RawIdError, UnknownPolicy
-from darec.data.loader import history_features
+from darec.data.loader import history_features, history_index
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError, DataError
 from darec.io import atomic_file
@@ -73,10 +73,7 @@ def user_histories(dataset: PreparedDataset, users: np.ndarray, length: int) -> 
     users = np.asarray(users, dtype=np.int64)
     offsets = np.asarray(dataset.offsets)
     hi = offsets[users + 1]
-    lo = np.maximum(offsets[users], hi - length)
-    index = hi[:, None] - length + np.arange(length)[None, :]                   # (U, L), oldest first
-    real = index >= lo[:, None]
-    index = np.where(real, index, 0)
+    index, real = history_index(offsets, users, hi - offsets[users], length)     # (U, L), the whole history cut
     items = np.where(real, np.asarray(dataset.items[index.reshape(-1)]).reshape(index.shape), 0)
     cats = np.where(real, np.asarray(dataset.categories[index.reshape(-1)]).reshape(index.shape), 0)
     latest = np.asarray(dataset.timestamps)[np.maximum(hi - 1, 0)]               # (U,) the reference time
