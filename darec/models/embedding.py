@@ -15,15 +15,14 @@ E = fields * d_R.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from collections.abc import Mapping
-
 from darec.errors import ConfigError
-from darec.models.config import ROLES, TABLE_LAYOUTS, ModelConfig
+from darec.models.config import BASE_FIELDS, ROLES, TABLE_LAYOUTS, ModelConfig
 
 __all__ = ["RoleEmbeddings", "TableSet", "RoleLookup"]
 
@@ -57,7 +56,7 @@ class TableSet(nn.Module):
         self.features = nn.ModuleDict({name: nn.Embedding(rows, dim) for name, rows in (features or {}).items()})
 
     def table(self, field: str) -> nn.Embedding:
-        return getattr(self, field) if field in ("item", "category", "position") else self.features[field]
+        return getattr(self, field) if field in BASE_FIELDS else self.features[field]
 
 
 def _role_fields(config: ModelConfig, role: str) -> tuple[str, ...]:
