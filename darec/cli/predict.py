@@ -13,8 +13,6 @@ log = logging.getLogger("darec")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from darec.serve.predict import DEFAULT_CHUNK_ROWS
-
     p = sub.add_parser("predict", help="batch click probabilities for a file of (user, item) rows in raw ids",
                        description="Streams the input in chunks; each chunk's rows are grouped by user so a "
                                    "user's history is searched once for all of its items. The output Parquet "
@@ -31,8 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="an item or category the dataset does not know: error (default), or oov: score it "
                         "through the padding row and set known=false. An unknown user is always an error")
     p.add_argument("--max-len", type=positive_int, help="history length (default: the model's max_len)")
-    p.add_argument("--chunk-rows", type=positive_int, default=DEFAULT_CHUNK_ROWS,
-                   help=f"input rows scored at a time (default {DEFAULT_CHUNK_ROWS:,}; bounds memory)")
+    p.add_argument("--chunk-rows", type=positive_int, default=None,
+                   help="input rows scored at a time (default: darec.serve.predict.DEFAULT_CHUNK_ROWS, "
+                        "200,000; bounds memory)")
     p.add_argument("--device", type=device_name, default="cpu", help="cpu | cuda | cuda:N | auto")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(handler=_predict)
@@ -40,11 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _predict(args: argparse.Namespace) -> int:
     from darec.cli.data import parse_columns
-    from darec.serve.predict import predict_file
+    from darec.serve.predict import DEFAULT_CHUNK_ROWS, predict_file
 
     summary = predict_file(checkpoint=args.checkpoint, data=args.data, input=args.input, out=args.out,
                            unknown=args.unknown, max_len=args.max_len, device=args.device,
-                           chunk_rows=args.chunk_rows, overwrite=args.overwrite,
+                           chunk_rows=args.chunk_rows or DEFAULT_CHUNK_ROWS, overwrite=args.overwrite,
                            columns=parse_columns(args.columns, example="user=uid,item=iid,category=cid"))
     unknown = f", {summary['unknown_candidates']:,} unknown candidates" if args.unknown == "oov" else ""
     print(f"wrote {summary['out']}: {summary['rows']:,} rows{unknown} "

@@ -10,9 +10,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from darec.cli.arg_types import device_name, non_negative_int, positive_int
 from darec.errors import ConfigError, DataError
 
@@ -52,6 +49,9 @@ def score_user(*, checkpoint: Path, data: Path, user: Any, candidates: Any = Non
 
     Every id in the result is raw; under `unknown="oov"` an unknown candidate is scored through the padding
     row, keeps the raw id it was given and has `known: false` (and category null)."""
+    import numpy as np
+    import torch
+
     from darec.data.id_maps import RawIdError
     from darec.data.store import PreparedDataset
     from darec.serve.predict import load_scorer, user_histories

@@ -59,3 +59,15 @@ def test_version_is_reported(capsys):
         main(["--version"])
     assert exit_info.value.code == 0
     assert capsys.readouterr().out.strip() == f"darec {__version__}"
+
+
+def test_command_line_starts_without_torch():
+    """`darec --help` and a bad argument answer without importing torch or scipy (seconds of start-up):
+    every subcommand imports its heavy libraries in its handler, not when it registers."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from darec.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('torch', 'scipy', 'sklearn') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
