@@ -95,7 +95,8 @@ def _trace(ctx: AnalysisContext, preset: str, n_sets: int) -> dict[str, Any]:
     every = config.eval_every
     if every is None:
         raise ConfigError("the collapse analysis needs a fixed eval_every (--eval-every)")
-    run_dir = ctx.runs_dir / f"collapse-{run_name(preset, dim=ctx.dim, attention_dim=None, seed=config.seed)}-m{n_sets}"
+    name = run_name(preset, dim=ctx.dim, attention_dim=None, seed=config.seed, features=config.features)
+    run_dir = ctx.runs_dir / f"collapse-{name}-m{n_sets}"
     trace_path = run_dir / TRACE_FILE
     identity = json.loads(json.dumps(config.to_dict()))
     trace = json.loads(trace_path.read_text()) if trace_path.exists() else None

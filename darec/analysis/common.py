@@ -1,8 +1,9 @@
 """What every analysis shares: the run budget, trained (or reused) models, test-set passes, figure output.
 
-Trained models live in `RUNS/<preset>-d<K_R>[-a<K_A>]-s<seed>/` (the trainer's layout: best.pt, result.json,
-curve.csv). A finished run is reused only when its `result.json` was written by the same training
-configuration, so a changed budget never silently mixes with an old one.
+Trained models live in `RUNS/<preset>-d<K_R>[-a<K_A>][-f<features>]-s<seed>/` (the trainer's layout: best.pt,
+result.json, curve.csv; `-f` names the side features when they are not the default `all`). A finished run is
+reused only when its `result.json` was written by the same training configuration, so a changed budget never
+silently mixes with an old one.
 
 Notation: B batch, L history length, E head-input width.
 """
@@ -32,7 +33,7 @@ from darec.models import TwoStageModel  # noqa: E402
 from darec.train.config import TrainConfig  # noqa: E402
 
 __all__ = ["AnalysisContext", "RunHandle", "run_name", "trained_run", "load_model", "test_batches",
-           "save_figure", "write_analysis", "search_scores", "raw_ids", "ANALYSIS_TRAIN"]
+           "save_figure", "write_analysis", "search_scores", "history_scores", "raw_ids", "ANALYSIS_TRAIN"]
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +85,14 @@ class RunHandle:
     result: dict[str, Any]
 
 
-def run_name(preset: str, *, dim: int, attention_dim: int | None, seed: int) -> str:
-    """`<preset>-d<K_R>-s<seed>`, with `-a<K_A>` when the attention dim differs from K_R."""
+def run_name(preset: str, *, dim: int, attention_dim: int | None, seed: int,
+             features: str | tuple[str, ...] = "all") -> str:
+    """`<preset>-d<K_R>-s<seed>`, with `-a<K_A>` when the attention dim differs from K_R and `-f<features>`
+    (none, or the names joined by +) when the models read other side features than `all`, so runs with
+    and without features live side by side."""
     extra = "" if attention_dim in (None, dim) else f"-a{attention_dim}"
+    if features != "all":
+        extra += f"-f{features if isinstance(features, str) else '+'.join(features)}"
     return f"{preset}-d{dim}{extra}-s{seed}"
 
 
@@ -101,7 +107,8 @@ def trained_run(ctx: AnalysisContext, preset: str, *, dim: int | None = None,
     attention_dim = None if attention_dim in (None, dim) else attention_dim
     model = {"dim": dim} if attention_dim is None else {"dim": dim, "attention_dim": attention_dim}
     config = ctx.train.replace(preset=preset, model=model)
-    run_dir = ctx.runs_dir / run_name(preset, dim=dim, attention_dim=attention_dim, seed=config.seed)
+    run_dir = ctx.runs_dir / run_name(preset, dim=dim, attention_dim=attention_dim, seed=config.seed,
+                                      features=config.features)
     result_path = run_dir / "result.json"
     result = json.loads(result_path.read_text()) if result_path.exists() else None
     if result is not None and result.get("finished"):
@@ -125,9 +132,10 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> TwoStageMod
 
 def test_batches(dataset: PreparedDataset, model: TwoStageModel, *, split: str = "test",
                  batch_size: int = 1024) -> Iterator[Batch]:
-    """The split in file order, with the history length the model was trained on."""
+    """The split in file order, with the history length and the side features the model was trained on."""
     loader = BatchLoader(dataset, split, batch_size=batch_size, shuffle=False, max_len=model.config.max_len,
-                         group_sets=model.uses_candidate_sets)  # a set model (IFA) sees whole candidate sets
+                         group_sets=model.uses_candidate_sets,  # a set model (IFA) sees whole candidate sets
+                         features=[f.name for f in model.config.features])
     return loader.batches(0)
 
 
@@ -144,6 +152,11 @@ def search_scores(model: TwoStageModel, batch: Batch) -> torch.Tensor:
     if scores is None:
         raise ConfigError(f"search {model.config.search!r} reports no per-position scores")
     return scores.float().masked_fill(~batch.mask, float("-inf"))                  # (B, L)
+
+
+def history_scores(dataset: PreparedDataset, model: TwoStageModel, *, split: str = "test") -> np.ndarray:
+    """(B, L) search scores of every sample of the split, in file order; -inf at padding."""
+    return np.concatenate([search_scores(model, batch).numpy() for batch in test_batches(dataset, model, split=split)])
 
 
 def raw_ids(dataset: PreparedDataset, kind: str, ids: Any) -> list | None:

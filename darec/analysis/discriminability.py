@@ -51,7 +51,8 @@ def representations(model: TwoStageModel, batches, *, features: str = "h") -> tu
         if features == "head-input":
             vectors.append(out.features.float().numpy())
         else:
-            target = model.embeddings.target(batch.target_item, batch.target_category)      # (B, E)
+            target = model.embeddings.target(batch.target_item, batch.target_category,
+                                             batch.target_features)                                # (B, E)
             r = out.interest.r
             vectors.append((target * r if model.config.target_aware else r).float().numpy())
         labels.append(batch.label.numpy())

@@ -8,6 +8,10 @@ scores (items included).
 NDCG@k = DCG@k / IDCG@k with both at the same k (the reference divides by IDCG@20 for every k; that
 variant is reported too as `dcg_over_idcg20`).
 
+On planted data whose weights depend on the time gap and behaviour type (`--time-decay`,
+`--strong-fraction`) the rankings are also scored against the planted relevance A[c_j, t] · w_j of each
+behaviour (planted.py): `planted` in retrieval.json, `ndcg_planted.png`.
+
 Notation: B test samples, L history length, K the largest k.
 """
 from __future__ import annotations
@@ -21,7 +25,9 @@ from darec.analysis.attention import DEFAULT_PRESETS
 from darec.analysis.common import (AnalysisContext, load_model, raw_ids, save_figure, search_scores, test_batches,
                                    trained_run, write_analysis)
 from darec.analysis.groundtruth import cell_keys, count_cooccurrence, target_support
+from darec.analysis.planted import planted_histories
 from darec.data.store import PreparedDataset
+from darec.data.synthetic import TRUTH_FILE, PlantedTruth
 
 __all__ = ["dcg_curve", "ndcg_curve", "position_relevance", "run_retrieval"]
 
@@ -110,6 +116,21 @@ def run_retrieval(ctx: AnalysisContext, *, max_k: int = 50, min_support: int = 3
     hist_categories, hist_positions, mask, targets = (np.concatenate(a) for a in zip(*hist))
     relevance = position_relevance(dataset, target_categories=targets, hist_categories=hist_categories,
                                    hist_positions=hist_positions, mask=mask, min_support=min_support)
+    curves, per_sample, keep = _curves(scores, relevance, max_k)
+    ks = np.arange(1, max_k + 1)
+    _plot_curves(out / "ndcg.png", curves, ks, title=f"retrieval vs MI ground truth ({int(keep.sum())} test samples)")
+    planted = _planted(ctx, out, dataset=dataset, scores=scores, length=hist_categories.shape[1], max_k=max_k)
+    cases = _cases(out, dataset=dataset, presets=presets, per_sample=per_sample, scores=scores,
+                   relevance=relevance, categories=hist_categories, targets=targets, keep=keep, n_cases=n_cases)
+    log.info("retrieval NDCG@10: %s", {p: round(float(c["ndcg"][min(10, max_k) - 1]), 3) for p, c in curves.items()})
+    return write_analysis(ctx, "retrieval", {
+        "k": ks, "samples": int(keep.sum()), "min_support": min_support, "curves": curves,
+        "ndcg_at": _ndcg_at(curves, max_k), "case_studies": cases, **planted})
+
+
+def _curves(scores: dict, relevance: np.ndarray, max_k: int) -> tuple[dict, dict, np.ndarray]:
+    """Per preset: mean NDCG curves over the samples with a positive ideal DCG, the per-sample NDCG, and
+    which samples those are."""
     curves, per_sample = {}, {}
     keep = None
     for preset, (s, _) in scores.items():
@@ -117,26 +138,43 @@ def run_retrieval(ctx: AnalysisContext, *, max_k: int = 50, min_support: int = 3
         keep = np.isfinite(ndcg[:, 0]) if keep is None else keep
         per_sample[preset] = ndcg
         curves[preset] = {"ndcg": np.nanmean(ndcg[keep], axis=0), "dcg_over_idcg20": np.nanmean(ref[keep], axis=0)}
-    ks = np.arange(1, max_k + 1)
+    return curves, per_sample, keep
+
+
+def _plot_curves(path, curves: dict, ks: np.ndarray, *, title: str) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
     for preset, c in curves.items():
         axes[0].plot(ks, c["ndcg"], label=preset)
         axes[1].plot(ks, c["dcg_over_idcg20"], label=preset)
-    axes[0].set(xlabel="behaviours returned by search (k)", ylabel="NDCG@k (normalised at k)",
-                title=f"retrieval vs MI ground truth ({int(keep.sum())} test samples)")
+    axes[0].set(xlabel="behaviours returned by search (k)", ylabel="NDCG@k (normalised at k)", title=title)
     axes[1].set(xlabel="k", ylabel="DCG@k / IDCG@20", title="the reference's normalisation")
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    save_figure(fig, out / "ndcg.png")
-    cases = _cases(out, dataset=dataset, presets=presets, per_sample=per_sample, scores=scores,
-                   relevance=relevance, categories=hist_categories, targets=targets, keep=keep, n_cases=n_cases)
-    log.info("retrieval NDCG@10: %s", {p: round(float(c["ndcg"][min(10, max_k) - 1]), 3) for p, c in curves.items()})
-    return write_analysis(ctx, "retrieval", {
-        "k": ks, "samples": int(keep.sum()), "min_support": min_support, "curves": curves,
-        "ndcg_at": {p: {str(k): float(c["ndcg"][k - 1]) for k in (1, 5, 10, 20, 50) if k <= max_k}
-                    for p, c in curves.items()},
-        "case_studies": cases})
+    save_figure(fig, path)
+
+
+def _planted(ctx: AnalysisContext, out, *, dataset: PreparedDataset, scores: dict, length: int,
+             max_k: int) -> dict:
+    """On planted data with side signals: NDCG of every ranking against the planted relevance A[c_j, t] · w_j
+    (`planted` payload and `ndcg_planted.png`); nothing on other data (its payload stays as it was)."""
+    if not (ctx.data_dir / TRUTH_FILE).is_file():
+        return {}
+    truth = PlantedTruth.load(ctx.data_dir)
+    if truth.position_only:
+        return {}
+    relevance = planted_histories(dataset, truth, max_len=length).relevance
+    curves, _, keep = _curves(scores, relevance, max_k)
+    _plot_curves(out / "ndcg_planted.png", curves, np.arange(1, max_k + 1),
+                 title=f"retrieval vs planted A[c, t] * w (time gap, type; {int(keep.sum())} test samples)")
+    log.info("retrieval NDCG@10 vs planted: %s",
+             {p: round(float(c["ndcg"][min(10, max_k) - 1]), 3) for p, c in curves.items()})
+    return {"planted": {"samples": int(keep.sum()), "curves": curves, "ndcg_at": _ndcg_at(curves, max_k)}}
+
+
+def _ndcg_at(curves: dict, max_k: int) -> dict:
+    """{preset: {k: NDCG@k}} at the usual cut-offs up to `max_k`."""
+    return {p: {str(k): float(c["ndcg"][k - 1]) for k in (1, 5, 10, 20, 50) if k <= max_k} for p, c in curves.items()}
 
 
 def _cases(out, *, dataset, presets, per_sample, scores, relevance, categories, targets, keep,

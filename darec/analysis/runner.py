@@ -14,6 +14,7 @@ from darec.analysis.convergence import run_convergence
 from darec.analysis.discriminability import FEATURES, run_discriminability
 from darec.analysis.gradients import run_gradients
 from darec.analysis.retrieval import run_retrieval
+from darec.data.loader import feature_fields
 from darec.errors import ConfigError
 from darec.train.config import TrainConfig
 
@@ -42,7 +43,8 @@ def analyze(kind: str, *, data: str | Path, out: str | Path, runs: str | Path | 
 
     `representation_dim`: attention-size's fixed K_R (default the largest of `sizes`);
     `cluster_features`: what discriminability clusters, "h" (the paper's) or "head-input" (the reference's);
-    `embedding_sets`: collapse's multi-embedding set counts M (each preset is trained once per M)."""
+    `embedding_sets`: collapse's multi-embedding set counts M (each preset is trained once per M).
+    `train.features` picks the side features the models read (all, none or names; `--features`)."""
     kinds = list(ANALYSES) if kind == "all" else [kind]
     unknown = [k for k in kinds if k not in ANALYSES]
     if unknown:
@@ -59,7 +61,7 @@ def analyze(kind: str, *, data: str | Path, out: str | Path, runs: str | Path | 
                           sizes=tuple(sizes), progress=progress,
                           extra={"representation_dim": representation_dim, "cluster_features": cluster_features,
                                  "embedding_sets": tuple(embedding_sets)})
-    ctx.dataset  # fail early on a directory that is not a prepared dataset
+    feature_fields(ctx.dataset, train.features)  # fail early: not a prepared dataset, or unknown feature names
     results = {}
     for name in kinds:
         log.info("analysis %s", name)

@@ -20,7 +20,7 @@ def _analyze(args: argparse.Namespace) -> int:
         import torch
         torch.set_num_threads(args.threads)
     changes = {"seed": args.seed, "epochs": args.epochs, "batch_size": args.batch_size,
-               "eval_every": args.eval_every, "device": args.device}
+               "eval_every": args.eval_every, "device": args.device, "features": args.features}
     train = ANALYSIS_TRAIN.replace(**{k: v for k, v in changes.items() if v is not None})
     results = analyze(args.kind, data=args.data, out=args.out, runs=args.runs,
                       presets=tuple(args.presets) if args.presets else None, train=train, dim=args.dim,
@@ -61,6 +61,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "[v_t, r, v_t*r] (the reference's)")
     p.add_argument("--embedding-sets", type=positive_int, nargs="+", default=[1],
                    help="collapse: multi-embedding set counts M, each preset trained once per M (default 1)")
+    p.add_argument("--features", default=None,
+                   help="side features the models read: all (default: every one the dataset has), none (the "
+                        "paper's model) or NAME,NAME; such runs are named RUNS/<preset>-...-f<features>-s<seed>")
     p.add_argument("--epochs", type=positive_int, default=None, help="training epochs per run (default 2)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="training batch (default 256)")
     p.add_argument("--eval-every", type=positive_int, default=None, help="steps between validations (default 10)")

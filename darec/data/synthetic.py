@@ -39,6 +39,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import polars as pl
@@ -101,8 +102,11 @@ class SyntheticConfig:
 class PlantedTruth:
     """The generator's parameters. `affinity` is ((C+1)×(C+1), row/column 0 = padding, all zero).
 
-    `time_unit` is set when the decay is in time (`time_decay`): then `log_decay_at_gap`, not `decay`,
-    gives the weight of a click; `strong_weight` is the weight of a "buy" relative to a "click"."""
+    `time_unit` is set when the decay is in time (`time_decay`); `strong_weight` is the weight of a "buy"
+    relative to a "click". `weight` gives the true weight of every behaviour from whatever sets it (position,
+    time gap, behaviour type); `decay` is the position-only weight of the paper's planted data."""
+
+    STRONG_BEHAVIOR: ClassVar[str] = "buy"  # the `behavior` value of a strong behaviour (the others are clicks)
 
     affinity: np.ndarray
     decay_rate: float
@@ -110,15 +114,46 @@ class PlantedTruth:
     time_unit: float | None = None
     strong_weight: float = 1.0
 
+    @property
+    def position_only(self) -> bool:
+        """True when a behaviour's weight depends on its position alone (the paper's planted data)."""
+        return self.time_unit is None and self.strong_weight == 1.0
+
     def decay(self, position):
         """Weight of the click `position` steps before the target (1 = the latest). Refused on data whose
-        weights depend on more than the position (time decay, strong behaviour types): the analyses'
-        position-based ground truth would be wrong there, silently."""
-        if self.time_unit is not None or self.strong_weight != 1.0:
+        weights depend on more than the position (time decay, strong behaviour types): there `weight` needs
+        the time gaps and behaviour types, and a position-based ground truth would be wrong, silently."""
+        if not self.position_only:
             raise DataError("this planted data weighs clicks by time gap or behaviour type, not by position "
-                            "alone; the position-based ground truth (attention, retrieval analyses) does not "
-                            "apply: make the data without --time-decay and --strong-fraction")
-        return np.exp(-self.decay_rate * (np.asarray(position, dtype=np.float64) - 1))
+                            "alone; the position-based ground truth does not apply (use PlantedTruth.weight "
+                            "with the gaps and types, or make the data without --time-decay and --strong-fraction)")
+        return self.weight(position)
+
+    def log_weight(self, position, *, gap_seconds=None, strong=None) -> np.ndarray:
+        """Log of the true weight of a behaviour in the state that draws its target's category, up to a
+        constant per target: the decay in time (`gap_seconds` = target time - behaviour time, on time-decay
+        data) or in steps (`position`, 1 = the latest), plus log `strong_weight` where `strong` (a "buy").
+        Broadcasts, e.g. (B, L) arrays of a batch. The generator decays from the latest behaviour's time,
+        not the target's: that shifts every log-weight of a target by the same amount, so ratios are exact.
+
+        `gap_seconds` is required on time-decay data and `strong` when buys weigh more than clicks (pass
+        all False for data without buys)."""
+        if self.time_unit is not None:
+            if gap_seconds is None:
+                raise DataError("this planted data decays in time: the true weight needs the time gaps")
+            log_decay = self.log_decay_at_gap(gap_seconds)
+        else:
+            log_decay = -self.decay_rate * (np.asarray(position, dtype=np.float64) - 1)
+        if self.strong_weight == 1.0:
+            return log_decay
+        if strong is None:
+            raise DataError("this planted data weighs buys more than clicks: the true weight needs the "
+                            "behaviour types")
+        return log_decay + np.where(np.asarray(strong, dtype=bool), np.log(self.strong_weight), 0.0)
+
+    def weight(self, position, *, gap_seconds=None, strong=None) -> np.ndarray:
+        """exp(`log_weight`): the true weight itself (underflows to 0 for behaviours days old in time)."""
+        return np.exp(self.log_weight(position, gap_seconds=gap_seconds, strong=strong))
 
     def log_decay_at_gap(self, gap_seconds):
         """Log-weight of a click `gap_seconds` before the target, up to a constant (time-decay data only)."""
