@@ -84,18 +84,24 @@ class SyntheticConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.n_users, self.n_categories, self.min_length) < 1 or self.n_items < self.n_categories:
-            raise ConfigError(f"synthetic sizes must be positive with n_items >= n_categories: {self}")
-        if self.mean_length < self.min_length:
-            raise ConfigError(f"mean_length {self.mean_length} < min_length {self.min_length}")
-        if not (0 < self.affinity_sparsity <= 1 and self.decay_rate >= 0 and 0 <= self.noise <= 1):
-            raise ConfigError(f"need 0 < affinity_sparsity <= 1, decay_rate >= 0, 0 <= noise <= 1: {self}")
-        if not (0 <= self.reclick <= 1 and self.n_favourites >= 1):
-            raise ConfigError(f"need 0 <= reclick <= 1 and n_favourites >= 1: {self}")
-        if not (self.n_brands >= 0 and 0 <= self.brand_loyalty <= 1 and (self.n_brands or not self.brand_loyalty)):
-            raise ConfigError(f"need n_brands >= 0 and 0 <= brand_loyalty <= 1 (brand_loyalty needs n_brands): {self}")
-        if not (0 <= self.strong_fraction <= 1 and self.strong_weight > 0 and self.time_unit > 0):
-            raise ConfigError(f"need 0 <= strong_fraction <= 1, strong_weight > 0 and time_unit > 0: {self}")
+        checks = [  # (holds, rule, the fields it reads): a failure names those fields' values, not the whole config
+            (min(self.n_users, self.n_categories, self.min_length) >= 1 and self.n_items >= self.n_categories,
+             "sizes must be positive with n_items >= n_categories", ("n_users", "n_items", "n_categories", "min_length")),
+            (self.mean_length >= self.min_length, "need mean_length >= min_length", ("mean_length", "min_length")),
+            (0 < self.affinity_sparsity <= 1, "need 0 < affinity_sparsity <= 1", ("affinity_sparsity",)),
+            (self.decay_rate >= 0, "need decay_rate >= 0", ("decay_rate",)),
+            (0 <= self.noise <= 1, "need 0 <= noise <= 1", ("noise",)),
+            (0 <= self.reclick <= 1, "need 0 <= reclick <= 1", ("reclick",)),
+            (self.n_favourites >= 1, "need n_favourites >= 1", ("n_favourites",)),
+            (self.n_brands >= 0 and 0 <= self.brand_loyalty <= 1 and bool(self.n_brands or not self.brand_loyalty),
+             "need n_brands >= 0 and 0 <= brand_loyalty <= 1 (brand_loyalty needs n_brands)", ("n_brands", "brand_loyalty")),
+            (0 <= self.strong_fraction <= 1, "need 0 <= strong_fraction <= 1", ("strong_fraction",)),
+            (self.strong_weight > 0, "need strong_weight > 0", ("strong_weight",)),
+            (self.time_unit > 0, "need time_unit > 0", ("time_unit",)),
+        ]
+        for holds, rule, names in checks:
+            if not holds:
+                raise ConfigError(f"synthetic data: {rule}, got " + ", ".join(f"{n}={getattr(self, n)}" for n in names))
 
 
 @dataclass(frozen=True)
