@@ -34,8 +34,10 @@ class Batch:
             moment (one request's candidate set: a positive and its negatives); ids are 0..G-1 within the
             batch. None: every row is a set of its own. Set-wise models (IFA) and ranking losses read it.
         hist_features: side-feature codes of the history by feature name, (B, L) int64 each, 0 where padded:
-            the dataset's per-behaviour features and the time fields computed from timestamps (time_gap, ...).
-        target_features: (B,) int64 codes of the target's item features (brand, seller, ...).
+            the dataset's per-behaviour features and the time fields computed from timestamps (time_gap, ...);
+            a numeric feature's normalised values are float32 (B, L) in the same mapping, 0 where padded.
+        target_features: (B,) int64 codes of the target's item features (brand, seller, ...), float32 values of
+            its numeric item features (price).
         user_features: (B,) int64 codes of the user's features.
         Models read the features their config names and ignore the others (docs/features.md).
     """

@@ -6,6 +6,7 @@ with 0; slot j (0-based) gets position L - j, so the click just before the targe
 Side features (docs/features.md): every per-behaviour code array of the dataset is gathered with the same
 index as the items; the target's item-feature codes are `item_features[name][target item]`; the time
 fields (time_gap, hour, weekday, when the schema asks for them) are computed here from the timestamps.
+Numeric features travel the same way as float32 values (0 where padded) instead of int64 codes.
 """
 from __future__ import annotations
 
@@ -108,15 +109,16 @@ def feature_fields(dataset: PreparedDataset, selected: str | Collection[str] = "
     `selected`: "all" (every feature the model can read), "none", or names. Item features: categorical
     per-behaviour features with a target value; context: the others (behaviour type, `target: false`
     ones) and the time fields, entering the score only or (schema `time.enter: representation`) the
-    representation too; user: per-user categorical features. Numeric features are not read by the model
-    yet: naming one is a ConfigError, "all" leaves them out. Unknown names: ConfigError listing the known."""
+    representation too; user: per-user categorical features. Numeric features are item features (schema
+    `target: true`) or context features the same way, read as their value times a vector (`FeatureField.numeric`).
+    Unknown names: ConfigError listing the known."""
     time_fields, enter = _time_settings(dataset)
     context_enter = "both" if enter == "representation" else "score"
     available: dict[str, FeatureField] = {}
-    numeric = []
     for name, spec in dataset.feature_specs.items():
         if spec.get("kind") == "numeric":
-            numeric.append(name)
+            available[name] = (FeatureField(name, 1, "item", numeric=True) if spec.get("target")
+                               else FeatureField(name, 1, "context", context_enter, numeric=True))
         elif spec.get("level") == "user":
             available[name] = FeatureField(name, int(spec["vocabulary"]), "user")
         elif spec.get("target"):
@@ -130,9 +132,6 @@ def feature_fields(dataset: PreparedDataset, selected: str | Collection[str] = "
     if selected == "none":
         return ()
     for name in selected:
-        if name in numeric:
-            raise ConfigError(f"feature {name!r} is numeric; the model reads categorical and time features only "
-                              f"(readable here: {', '.join(available) or 'none'})")
         if name not in available:
             raise ConfigError(f"unknown feature {name!r}: dataset {dataset.path} has "
                               f"{', '.join(available) or 'no side features'} (use --features none|all|NAME,NAME)")
@@ -188,8 +187,7 @@ class BatchLoader:
             self._csr = (np.asarray(dataset.offsets), np.asarray(dataset.items), np.asarray(dataset.categories))
         wanted = {f.name for f in feature_fields(dataset)} if features is None else set(features)
         self._time_fields = {n: v for n, v in _time_settings(dataset)[0].items() if n in wanted}
-        self._tables = {level: {n: self._array(a) for n, a in arrays.items()
-                                if n in wanted and a.dtype.kind in "iu"}  # numeric features are not gathered
+        self._tables = {level: {n: self._array(a) for n, a in arrays.items() if n in wanted}
                         for level, arrays in (("event", dataset.event_features), ("item", dataset.item_features),
                                               ("user", dataset.user_features))}
         if self._time_fields:
@@ -277,14 +275,15 @@ class BatchLoader:
                      **self._features(users, cuts, items, slots, mask))
 
     def _array(self, values: np.ndarray) -> Any:
-        """A code array as the gather reads it: int64 on the device, or the memory-mapped numpy array."""
+        """A code (value) array as the gather reads it: int64 (float32) on the device, or the memory-mapped
+        numpy array."""
         if self._on_device:
-            return torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)).to(self.device)
+            return torch.from_numpy(np.ascontiguousarray(values, dtype=_batch_dtype(values))).to(self.device)
         return np.asarray(values)
 
     def _tensor(self, codes: Any) -> torch.Tensor:
-        """Gathered codes as the batch holds them: int64 tensors (already so on the device)."""
-        return codes if self._on_device else torch.from_numpy(np.asarray(codes, dtype=np.int64))
+        """Gathered codes (values) as the batch holds them: int64 (float32) tensors (already so on the device)."""
+        return codes if self._on_device else torch.from_numpy(np.asarray(codes, dtype=_batch_dtype(codes)))
 
     def _features(self, users: Any, cuts: Any, items: Any, slots: Any, mask: Any) -> dict[str, dict[str, torch.Tensor]]:
         """hist_features (B, L), target_features and user_features (B,) of the batch: gathered at the items'
@@ -312,11 +311,18 @@ def history_codes(events: Mapping[str, Any], stamps: Any, time_fields: Mapping[s
 
 def history_features(dataset: PreparedDataset, index: np.ndarray, mask: np.ndarray,
                      reference: np.ndarray) -> dict[str, np.ndarray]:
-    """Every side-feature code (B, L) the loader would gather for behaviours at CSR `index`, with time fields
-    relative to `reference` (B,) seconds: for callers with an index of their own (serving)."""
+    """Every side-feature code (numeric value) (B, L) the loader would gather for behaviours at CSR `index`, as
+    a batch holds it (int64, float32), with time fields relative to `reference` (B,) seconds: for callers with
+    an index of their own (serving)."""
     time_fields = _time_settings(dataset)[0]
-    events = {n: np.asarray(a) for n, a in dataset.event_features.items() if a.dtype.kind in "iu"}
-    return history_codes(events, np.asarray(dataset.timestamps), time_fields, index, mask, np.asarray(reference))
+    events = {n: np.asarray(a) for n, a in dataset.event_features.items()}
+    codes = history_codes(events, np.asarray(dataset.timestamps), time_fields, index, mask, np.asarray(reference))
+    return {n: c.astype(_batch_dtype(c), copy=False) for n, c in codes.items()}
+
+
+def _batch_dtype(values: Any) -> type:
+    """What a batch holds for a feature array: float32 for numeric values, int64 for codes."""
+    return np.float32 if np.asarray(values).dtype.kind == "f" else np.int64
 
 
 def _request_keys(rows: np.ndarray) -> np.ndarray:

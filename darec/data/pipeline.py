@@ -110,7 +110,7 @@ def encode_features(events: readers.RawEvents, schema: FeatureSchema
     for feature in schema.numeric:
         columns[feature.name], stats = normalise(events.frame[feature.name], feature.normalize)
         described[feature.name] = {"kind": "numeric", "level": "behavior", "column": feature.column,
-                                   "normalize": feature.normalize, **stats}
+                                   "normalize": feature.normalize, "target": feature.target, **stats}
     return columns, maps, described
 
 
@@ -151,7 +151,7 @@ def prepare(*, source: str, out: str | Path, input: str | Path | None = None,  #
         events = read_source(source, input, behaviors=config.behaviors, movies=movies, columns=columns,
                              skip_bad_rows=skip_bad_rows, schema=schema)
     feature_columns, feature_maps, features = encode_features(events, schema)
-    item_level = tuple(f.name for f in schema.extra_features if f.target)
+    item_level = tuple(f.name for f in (*schema.extra_features, *schema.numeric) if f.target)
     prepared = build_splits(events.frame, config, source_path=events.paths[0] if events.paths else None,
                             columns=feature_columns, item_level=item_level,
                             user_level=tuple(f.name for f in schema.user_features))

@@ -15,7 +15,7 @@ with it is byte-identical to one prepared without a schema.
     behavior_type: true        # the behaviour's type as a history feature (multi-behaviour sequences)
     time: {gap: true, hour: false, weekday: false, gap_buckets: 24}
     user_features: [{name: segment, column: segment}]
-    numeric: [{name: price, column: price, normalize: standard}]
+    numeric: [{name: price, column: price, normalize: standard, target: true}, {name: dwell, column: dwell}]
 
 Encodings: `dictionary` numbers values 1..n in order of first appearance (0 = missing / padding) and saves
 the raw <-> code map under ids/features/; `hash` maps a value to 1..buckets (0 = missing) with polars'
@@ -25,6 +25,7 @@ target's value is the item's value at its last kept event, for positives and neg
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -37,7 +38,7 @@ from darec.data.id_maps import raw_id_column
 from darec.errors import ConfigError, DataError
 
 __all__ = ["FeatureSchema", "CategoricalFeature", "NumericFeature", "TimeFeatures", "load_schema",
-           "SHIPPED_SCHEMAS", "BASE_FEATURES", "encode_categorical", "normalise"]
+           "SHIPPED_SCHEMAS", "BASE_FEATURES", "encode_categorical", "normalise", "apply_normalisation"]
 
 SHIPPED_SCHEMAS = Path(__file__).resolve().parents[1] / "configs" / "schemas"
 BASE_FEATURES = ("item", "category")
@@ -79,11 +80,17 @@ class UserFeature(_Strict):
 
 
 class NumericFeature(_Strict):
-    """A numeric column of every behaviour, normalised with statistics over all kept events."""
+    """A numeric column of every behaviour, normalised with statistics over all kept events; a missing value
+    becomes 0 after normalising (the mean for standard, the minimum for minmax, log 1 for log).
+
+    `target: true`: a property of the item (price): the target's value is the item's value at its last kept
+    event, stored per item like a categorical item feature. Default false: a property of the behaviour
+    (dwell time, watch ratio), the target sitting at 0."""
 
     name: str = Field(pattern=_NAME)
     column: str = Field(min_length=1)
     normalize: Literal["standard", "minmax", "log", "none"] = "standard"
+    target: bool = False
 
 
 class TimeFeatures(_Strict):
@@ -210,19 +217,27 @@ def encode_categorical(values: pl.Series, *, name: str, column: str, encoding: s
 
 def normalise(values: pl.Series, how: str) -> tuple[np.ndarray, dict[str, float]]:
     """float32 values normalised over all kept events (missing -> 0 after normalising) and the statistics
-    used, which the manifest records so that serving can apply the same map."""
+    used, which the manifest records so that serving can apply the same map (`apply_normalisation`)."""
     x = values.cast(pl.Float64)
     stats: dict[str, float] = {}
+    if how == "standard":
+        stats = {"mean": float(x.mean() or 0.0), "std": float(x.std() or 0.0) or 1.0}
+    elif how == "minmax":
+        stats = {"min": float(x.min() or 0.0), "max": float(x.max() or 0.0)}
+    return apply_normalisation(x, how, stats), stats
+
+
+def apply_normalisation(values: pl.Series, how: str, stats: Mapping[str, float]) -> np.ndarray:
+    """float32 values under a recorded normalisation (`how` and its statistics, as the manifest's
+    `features.NAME` holds them), missing -> 0: the map `prepare` applied, for values that arrive later."""
+    x = values.cast(pl.Float64)
     if how == "log":
         x = (x.clip(lower_bound=0) + 1).log()
     elif how == "standard":
-        stats = {"mean": float(x.mean() or 0.0), "std": float(x.std() or 0.0) or 1.0}
         x = (x - stats["mean"]) / stats["std"]
     elif how == "minmax":
-        low, high = float(x.min() or 0.0), float(x.max() or 0.0)
-        stats = {"min": low, "max": high}
-        x = (x - low) / ((high - low) or 1.0)
-    return x.fill_null(0.0).fill_nan(0.0).cast(pl.Float32).to_numpy(), stats
+        x = (x - stats["min"]) / ((stats["max"] - stats["min"]) or 1.0)
+    return x.fill_null(0.0).fill_nan(0.0).cast(pl.Float32).to_numpy()
 
 
 def _shown(value: object) -> object:

@@ -38,13 +38,18 @@ class FeatureField:
         (`RoleEmbeddings.context_bias`); `enter` says whether it is that score bias, a field of every
         representation token, or both.
       user: a property of the user; its embedding (representation tables) joins the head input.
-    vocabulary: rows of its table, code 0 included.
+    vocabulary: rows of its table, code 0 included (1 for a numeric feature: its one vector).
+    numeric: the input is a normalised number x, not a code; its embedding is x times the vector of its
+      table (the numeric embedding of CTR libraries), in whichever role tables `kind` says. An item one
+      (price) joins [item; category] like a categorical item feature; a context one (dwell time) has its
+      target at x = 0, so its score part is one learned scalar times x (`RoleEmbeddings.context_bias`).
     """
 
     name: str
     vocabulary: int
     kind: Literal["item", "context", "user"] = "item"
     enter: Literal["score", "representation", "both"] = "both"
+    numeric: bool = False
 
     @property
     def in_score(self) -> bool:
@@ -110,6 +115,9 @@ class ModelConfig:
         for f in self.features:
             if f.vocabulary < 1:
                 raise ConfigError(f"feature {f.name!r}: vocabulary must be >= 1, got {f.vocabulary}")
+            if f.numeric and (f.kind == "user" or f.vocabulary != 1):
+                raise ConfigError(f"numeric feature {f.name!r} must be an item or context feature with vocabulary "
+                                  f"1 (its one vector), got kind {f.kind!r}, vocabulary {f.vocabulary}")
 
     @property
     def attn_dim(self) -> int:
@@ -133,6 +141,11 @@ class ModelConfig:
     @property
     def user_features(self) -> tuple[str, ...]:
         return tuple(f.name for f in self.features if f.kind == "user")
+
+    @property
+    def numeric_features(self) -> tuple[str, ...]:
+        """Features read as numbers (value times a vector), not as codes."""
+        return tuple(f.name for f in self.features if f.numeric)
 
     @property
     def semantic_dim(self) -> int:

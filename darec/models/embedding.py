@@ -8,6 +8,9 @@ Side features (`ModelConfig.features`, docs/features.md) are more tables in the 
 (brand) joins [item; category] wherever they are read, a context feature (time gap, behaviour type) is a
 score bias per code and/or a token field, a user feature joins the head input. So the layout decides, per
 feature, which tables each role reads: DARE decouples attention and representation for every feature.
+A numeric feature (price, dwell time) is the same with its normalised value x in place of a code: its
+embedding is x times row 0 of its table (one vector per set), and the target of a context one, at x = 0,
+reads row 1 as its query instead, so its score part is x <T_q[1], T_k[0]> / sqrt(d_A): a learned scalar times x.
 
 Notation: B batch, L history length, d_A / d_R per-field attention / representation dims,
 E = fields * d_R.
@@ -22,13 +25,14 @@ import torch
 from torch import nn
 
 from darec.errors import ConfigError
-from darec.models.config import BASE_FIELDS, ROLES, TABLE_LAYOUTS, ModelConfig
+from darec.models.config import BASE_FIELDS, ROLES, TABLE_LAYOUTS, FeatureField, ModelConfig
 
 __all__ = ["RoleEmbeddings", "TableSet", "RoleLookup"]
 
 _ATTENTION_ROLES = ("query", "key")
 
-Codes = Mapping[str, torch.Tensor]  # side-feature codes by feature name
+Codes = Mapping[str, torch.Tensor]  # side-feature codes (int64) or numeric values (float) by feature name
+_VALUE_ROW, _TARGET_ROW = 0, 1      # rows of a numeric feature's table: its vector; a context one's target query
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,7 @@ class RoleLookup:
 
 class TableSet(nn.Module):
     """Item, category and (optionally) relative-position tables of one width, then one table per side
-    feature its roles read (`features`: name -> vocabulary; empty for the paper's model, which then has
+    feature its roles read (`features`: name -> rows; empty for the paper's model, which then has
     exactly the parameters, and draws its initial weights in exactly the order, it always had)."""
 
     def __init__(self, *, n_items: int, n_categories: int, n_positions: int, dim: int,
@@ -57,6 +61,12 @@ class TableSet(nn.Module):
 
     def table(self, field: str) -> nn.Embedding:
         return getattr(self, field) if field in BASE_FIELDS else self.features[field]
+
+
+def _rows(feature: FeatureField, role: str) -> int:
+    """Rows of `feature`'s table that `role` reads: its vocabulary; for the query of a numeric context
+    feature in the score also the target's own row (the target has no value to scale the vector by)."""
+    return feature.vocabulary + int(feature.numeric and feature.in_score and role == "query")
 
 
 def _role_fields(config: ModelConfig, role: str) -> tuple[str, ...]:
@@ -79,18 +89,21 @@ class RoleEmbeddings(nn.Module):
         self.attn_dim, self.repr_dim = config.attn_dim, config.dim
         self.item_features, self.score_context = config.item_features, config.score_context
         self.token_context, self.user_features = config.token_context, config.user_features
-        vocabulary = {f.name: f.vocabulary for f in config.features}
+        self.numeric = frozenset(config.numeric_features)
+        by_name = {f.name: f for f in config.features}
         role_fields = {role: _role_fields(config, role) for role in ROLES}
         set_dims: dict[str, int] = {}
-        set_fields: dict[str, dict[str, int]] = {}
+        set_rows: dict[str, dict[str, int]] = {}  # set -> feature -> rows (the most any role reading it needs)
         for role in ROLES:
             dim = self.attn_dim if role in _ATTENTION_ROLES else self.repr_dim
             set_dims.setdefault(self.layout[role], dim)
-            set_fields.setdefault(self.layout[role], {}).update({n: vocabulary[n] for n in role_fields[role]})
+            rows = set_rows.setdefault(self.layout[role], {})
+            for n in role_fields[role]:
+                rows[n] = max(rows.get(n, 0), _rows(by_name[n], role))
         self.sets = nn.ModuleDict({
             name: TableSet(n_items=config.n_items, n_categories=config.n_categories,
                            n_positions=config.max_len + 1, dim=dim, use_position=config.use_position,
-                           features={n: v for n, v in vocabulary.items() if n in set_fields[name]})
+                           features={n: set_rows[name][n] for n in by_name if n in set_rows[name]})
             for name, dim in set_dims.items()})
         fields = ("item", "category", "position") if config.use_position else ("item", "category")
         self.projections = nn.ModuleDict({
@@ -99,7 +112,8 @@ class RoleEmbeddings(nn.Module):
             for role in ROLES}) if config.projection else None
         self.recorder: list[RoleLookup] | None = None  # set to [] to record lookups (analysis only)
 
-    def _field(self, role: str, field: str, ids: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, role: str, field: str, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` of the table `role` reads for `field` (projected, when the model has projections)."""
         name = self.layout[role]
         out = self.sets[name].table(field)(ids)
         if self.recorder is not None:
@@ -107,6 +121,13 @@ class RoleEmbeddings(nn.Module):
         if self.projections is not None:
             out = self.projections[role][field](out)
         return out
+
+    def _field(self, role: str, field: str, ids: torch.Tensor) -> torch.Tensor:
+        """`field`'s embedding for codes `ids`, or for a numeric field the values `ids` times its vector."""
+        if field not in self.numeric:
+            return self._lookup(role, field, ids)
+        vector = self._lookup(role, field, torch.full(ids.shape, _VALUE_ROW, dtype=torch.long, device=ids.device))
+        return vector * ids.unsqueeze(-1).to(vector.dtype)
 
     @staticmethod
     def _codes(features: Codes | None, name: str) -> torch.Tensor:
@@ -139,11 +160,17 @@ class RoleEmbeddings(nn.Module):
         return torch.cat(self._token_fields(role, items, categories, positions, features), -1)
 
     def _bias(self, field: str) -> torch.Tensor:
-        """<T_q(0), T_k(c)> / sqrt(d_A) for every code c of `field`: (rows,)."""
+        """<T_q(0), T_k(c)> / sqrt(d_A) for every code c of `field`: (rows,). A numeric field: the score per
+        unit of value, <T_q[1], T_k[0]> / sqrt(d_A): (1,)."""
         key_table = self.sets[self.layout["key"]].table(field).weight
-        all_codes = torch.arange(key_table.shape[0], device=key_table.device)
-        keys = self._field("key", field, all_codes)                             # (P, d_A)
-        query = self._field("query", field, all_codes[:1])                      # (1, d_A)
+        if field in self.numeric:
+            key_rows = torch.arange(_VALUE_ROW, _VALUE_ROW + 1, device=key_table.device)  # arange, not tensor([..]):
+            query_row = torch.arange(_TARGET_ROW, _TARGET_ROW + 1, device=key_table.device)  # no program constants
+        else:
+            key_rows = torch.arange(key_table.shape[0], device=key_table.device)
+            query_row = key_rows[:1]
+        keys = self._lookup("key", field, key_rows)                             # (P, d_A)
+        query = self._lookup("query", field, query_row)                         # (1, d_A)
         return (keys @ query.squeeze(0)) / math.sqrt(keys.shape[-1])            # (P,)
 
     def position_bias(self) -> torch.Tensor | None:
@@ -158,7 +185,8 @@ class RoleEmbeddings(nn.Module):
     def context_bias(self, name: str) -> torch.Tensor | None:
         """Score contribution of each code of context feature `name` (e.g. "time_gap"), (vocabulary,): the
         target sits at code 0, so like the position this half of the score is one learned scalar per code.
-        None when `name` is not a context feature entering the score."""
+        A numeric one: (1,), the contribution per unit of its value. None when `name` is not a context
+        feature entering the score."""
         return self._bias(name) if name in self.score_context else None
 
     def score_bias(self, positions: torch.Tensor | None, features: Codes | None = None) -> torch.Tensor | None:
@@ -169,12 +197,13 @@ class RoleEmbeddings(nn.Module):
             bias = self.position_bias()
             total = bias[positions.clamp(max=bias.shape[0] - 1)]
         for name in self.score_context:
-            part = self.context_bias(name)[self._codes(features, name)]
+            scores, codes = self.context_bias(name), self._codes(features, name)  # per code, or per unit of value
+            part = scores * codes.to(scores.dtype) if name in self.numeric else scores[codes]
             total = part if total is None else total + part
         return total
 
     def target(self, items: torch.Tensor, categories: torch.Tensor, features: Codes | None = None) -> torch.Tensor:
-        """v_t: the target's representation token, position 0 and context code 0: (B, E)."""
+        """v_t: the target's representation token, position 0, context code 0 (numeric context value 0): (B, E)."""
         zeros = torch.zeros_like(items)
         codes = {**(features or {}), **{n: zeros for n in self.token_context}}
         return self.token("target", items, categories, zeros, codes)

@@ -69,7 +69,7 @@ class History:
         mask = items != 0 if self.mask is None else torch.as_tensor(self.mask).reshape(items.shape)
         positions = torch.arange(n, 0, -1) if self.positions is None else torch.as_tensor(self.positions)
         positions = positions.reshape(-1, n).expand(items.shape[0], n)                # (U, N)
-        features = {name: torch.as_tensor(codes).reshape(items.shape).to(device).long()
+        features = {name: _codes_or_values(torch.as_tensor(codes).reshape(items.shape).to(device))
                     for name, codes in self.features.items()}
         users = {name: torch.as_tensor(codes).reshape(items.shape[0]).to(device).long()
                  for name, codes in self.user_features.items()}
@@ -96,6 +96,11 @@ class History:
                        mask=F.pad(self.mask, pad), positions=F.pad(self.positions, pad),
                        features={n: F.pad(t, pad) for n, t in self.features.items()},
                        user_features=self.user_features)
+
+
+def _codes_or_values(t: torch.Tensor) -> torch.Tensor:
+    """Feature codes as int64; numeric features' values stay floating point."""
+    return t if t.is_floating_point() else t.long()
 
 
 def resolve_candidates(h: History, items: torch.Tensor, cats: torch.Tensor, device: torch.device

@@ -80,7 +80,7 @@ def user_histories(dataset: PreparedDataset, users: np.ndarray, length: int) -> 
     features = history_features(dataset, index, real, latest)
     return History(items=torch.from_numpy(items.astype(np.int64)), categories=torch.from_numpy(cats.astype(np.int64)),
                    mask=torch.from_numpy(real),
-                   features={n: torch.from_numpy(c.astype(np.int64)) for n, c in features.items()},
+                   features={n: torch.from_numpy(c) for n, c in features.items()},
                    user_features={n: torch.from_numpy(np.asarray(a)[users].astype(np.int64))
                                   for n, a in dataset.user_features.items()})
 
