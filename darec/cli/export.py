@@ -10,13 +10,15 @@ __all__ = ["register"]
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a trained model as a torch.export program (+ ONNX) with its id maps",
                        description="Writes a self-contained folder: model.pt2 (torch.export), model.onnx (when the "
-                                   "search exports to ONNX), config.json, the dataset's ids/ and manifest.json "
-                                   "(sha256 of every file). Load it with darec.serve.export.load_exported, "
-                                   "without darec's model or training code. See docs/serving.md.")
+                                   "search exports to ONNX), config.json (the program's inputs, side features "
+                                   "included), the dataset's ids/ and manifest.json (sha256 of every file). Load it "
+                                   "with darec.serve.export.load_exported, without darec's model or training code. "
+                                   "See docs/serving.md.")
     p.add_argument("run", type=Path, metavar="RUN",
                    help="run folder of `darec train` (its best.pt) or a checkpoint file")
     p.add_argument("--out", type=Path, required=True, help="export folder to write (replaced only if darec wrote it)")
-    p.add_argument("--data", type=Path, help="the run's prepared dataset: copies its id maps (ids/) into the export; "
+    p.add_argument("--data", type=Path, help="the run's prepared dataset: copies its id maps (ids/) into the export, "
+                                             "and the item tables of a model with item features (needed then); "
                                              "must be the dataset the run recorded")
     p.add_argument("--no-onnx", action="store_true", help="skip the ONNX model")
     p.add_argument("--overwrite", action="store_true", help="replace --out even if it is not an export darec wrote")

@@ -4,13 +4,17 @@ Layout of an export folder:
 
     model.pt2      torch.export program of `ScorerModule` (what `Scorer.logits` computes, fused=False):
                    hist_items, hist_categories, hist_mask, hist_positions (U, N) and cand_items,
-                   cand_categories (U, C) -> logits (U, C). U >= 1, C >= 1 and N >= min_history (= top_k,
-                   the search keeps K positions) are dynamic; `ExportedModel` left-pads shorter histories
-                   with masked slots, which changes no logit.
+                   cand_categories (U, C), then for a model with side features one input per feature in
+                   the model's order, hist_NAME (U, N) or user_NAME (U,), int64 codes or float32 values
+                   (candidates' item features are looked up inside, from the item tables it holds)
+                   -> logits (U, C). U >= 1, C >= 1 and N >= min_history (= top_k, the search keeps K
+                   positions) are dynamic; `ExportedModel` left-pads shorter histories with masked slots,
+                   which changes no logit.
     model.onnx     the same graph for onnxruntime, weights inside; absent when it does not export or does
                    not match the eager scorer (the manifest's "onnx" entry says why)
-    config.json    preset, model config, vocabulary sizes, max_len, top_k, min_history, inputs, temperature,
-                   dataset hash, darec and torch versions
+    config.json    preset, model config, vocabulary sizes, max_len, top_k, min_history, inputs (by name: shape,
+                   dtype and, for a feature, its name, kind and vocabulary) and input_order (the program's
+                   positional order), temperature, dataset hash, darec and torch versions
     ids/           the dataset's raw <-> internal id maps (darec.data.id_maps), when the dataset is known
     manifest.json  sha256 and size of every other file; marks the folder as an export darec wrote
 
@@ -30,10 +34,11 @@ import shutil
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -41,7 +46,7 @@ from darec import __version__
 from darec.errors import ConfigError, DataError
 from darec.io import atomic_dir, relative_files, write_json
 from darec.serve.history import DEFAULT_MAX_SCORES, History, resolve_candidates, user_chunks
-from darec.serve.program_check import INPUT_NAMES, check_program
+from darec.serve.program_check import INPUT_NAMES, check_input_names, check_program
 
 if TYPE_CHECKING:
     from darec.models.two_stage import TwoStageModel
@@ -61,6 +66,8 @@ BACKENDS: tuple[Backend, ...] = ("torch", "onnxruntime")
 PARITY_ATOL = 1e-5
 _HASH_CHUNK = 1 << 20
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes in torch's exporter messages
+_DTYPES = {"int64": torch.int64, "float32": torch.float32}  # of a feature input: codes or numeric values
+_KINDS = ("item", "context", "user")
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -70,63 +77,69 @@ def export_run(source: str | Path, out: str | Path, *, data: str | Path | None =
     """Export the model of a `darec train` run folder (its best.pt) or of a checkpoint file to `out`.
 
     `data`, the prepared dataset, adds its id maps; it must be the dataset the run recorded (by content
-    hash). Returns the manifest written."""
+    hash); a model with item features (brand) needs it, for its item -> code tables. Returns the manifest
+    written."""
     from darec.checkpoint import load_model_checkpoint
 
     checkpoint, record = _run_record(Path(source))
     model = load_model_checkpoint(checkpoint, device="cpu")
-    dataset_hash = record.get("dataset")
+    dataset_hash, item_features = record.get("dataset"), None
     if data is not None:
-        dataset_hash = _check_dataset(Path(data), model, recorded=dataset_hash)
+        dataset_hash, item_features = _check_dataset(Path(data), model, recorded=dataset_hash)
     elif dataset_hash:
         log.info("no --data: the export scores internal ids; pass the run's dataset to include its id maps")
     return export_model(model, out, preset=record.get("preset"), temperature=record.get("temperature", 1.0),
-                        dataset=None if data is None else Path(data), dataset_hash=dataset_hash, onnx=onnx,
-                        overwrite=overwrite, protect=[p for p in (Path(source), data) if p is not None],
-                        progress=progress)
+                        dataset=None if data is None else Path(data), dataset_hash=dataset_hash,
+                        item_features=item_features, onnx=onnx, overwrite=overwrite,
+                        protect=[p for p in (Path(source), data) if p is not None], progress=progress)
 
 
 def export_model(model: TwoStageModel, out: str | Path, *, preset: str | None = None, temperature: float = 1.0,
-                 dataset: Path | None = None, dataset_hash: str | None = None, onnx: bool = True,
+                 dataset: Path | None = None, dataset_hash: str | None = None,
+                 item_features: Mapping[str, np.ndarray | torch.Tensor] | None = None, onnx: bool = True,
                  overwrite: bool = False, protect: Sequence[str | Path] = (), progress: bool = True
                  ) -> dict[str, Any]:
     """Write the export folder `out` for `model` in one atomic step; returns its manifest.
 
-    The program (and the ONNX model) are checked against the eager scorer on a batch of other shapes
-    than the traced one before anything is written."""
+    `item_features`: the dataset's item -> code (or value) tables of the model's item features, which the
+    program holds to look up its candidates' (`PreparedDataset.item_features`). The program (and the ONNX
+    model) are checked against the eager scorer on a batch of other shapes than the traced one before
+    anything is written."""
     from darec.serve.scorer import ScorerModule
 
-    if model.config.features:
-        raise ConfigError(f"cannot export this model: it reads side features "
-                          f"({', '.join(f.name for f in model.config.features)}), which the exported program's "
-                          "inputs do not carry yet; serve it with `darec serve` / `darec predict`, or train with "
-                          "--features none")
+    config = model.config
+    missing = [name for name in config.item_features if name not in (item_features or {})]
+    if missing:
+        raise ConfigError(f"cannot export this model without its dataset: it reads item feature(s) {missing}, "
+                          "whose item tables the export holds; give --data (export_model(item_features=...))")
     try:
-        module = ScorerModule(copy.deepcopy(model).cpu().eval(), fused=False)  # the caller's model is left as is
+        module = ScorerModule(copy.deepcopy(model).cpu().eval(), fused=False,  # the caller's model is left as is
+                              item_features=item_features)
+        signature = _signature(module)
     except ConfigError as err:
         raise ConfigError(f"cannot export this model: {err}") from None
-    config = model.config
     ids = _id_files(dataset) if dataset is not None else {}
     start = time.perf_counter()
     bar = tqdm(total=3, desc="export", unit="step", disable=not progress, leave=False)
     with atomic_dir(out, replaceable=is_export_dir, overwrite=overwrite, protect=protect) as tmp:
         bar.set_postfix_str("torch.export")
-        program = _export_program(module)
+        program = _export_program(module, signature)
         bar.update()
         bar.set_postfix_str("onnx")
-        onnx_note = (_export_onnx(program, module, tmp / ONNX_MODEL) if onnx
+        onnx_note = (_export_onnx(program, module, signature, tmp / ONNX_MODEL) if onnx
                      else {"exported": False, "reason": "not requested (--no-onnx)"})
         bar.update()
         bar.set_postfix_str("write")
         program.example_inputs = None  # torch would pickle them; the loader refuses any pickle
         torch.export.save(program, tmp / PROGRAM)
-        check_program((tmp / PROGRAM).read_bytes(), path=tmp / PROGRAM)  # never write what load refuses
+        # never write what load refuses
+        check_program((tmp / PROGRAM).read_bytes(), path=tmp / PROGRAM, inputs=_names(signature))
         write_json(tmp / CONFIG, {
             "format_version": FORMAT_VERSION, "preset": preset, "model_config": config.to_dict(),
             "search": config.search, "n_items": config.n_items, "n_categories": config.n_categories,
             "max_len": config.max_len, "top_k": config.top_k, "min_history": _min_history(config.top_k),
-            "inputs": {name: {"shape": "(U, C)" if name.startswith("cand") else "(U, N)",
-                              "dtype": "bool" if name == "hist_mask" else "int64"} for name in INPUT_NAMES},
+            "inputs": {spec["name"]: {k: v for k, v in spec.items() if k != "name"} for spec in signature["inputs"]},
+            "input_order": list(_names(signature)),
             "output": {"name": "logits", "shape": "(U, C)", "dtype": "float32"},
             "temperature": temperature,  # divide the logits by it for the run's calibrated probabilities
             "dataset": {"content_sha256": dataset_hash, "ids": bool(ids)},
@@ -152,21 +165,41 @@ def _min_history(top_k: int) -> int:
     return top_k
 
 
-def _export_program(module: ScorerModule) -> torch.export.ExportedProgram:
+def _signature(module: ScorerModule) -> dict[str, Any]:
+    """What the program takes: vocabulary sizes and its inputs in positional order, each with shape and dtype,
+    a feature's also with its name, kind and vocabulary (codes must lie in [0, vocabulary))."""
+    base = [{"name": name, "shape": "(U, C)" if name.startswith("cand") else "(U, N)",
+             "dtype": "bool" if name == "hist_mask" else "int64"} for name in INPUT_NAMES]
+    features = [{"name": name, "shape": "(U,)" if f.kind == "user" else "(U, N)",
+                 "dtype": "float32" if f.numeric else "int64", "feature": f.name, "kind": f.kind,
+                 "vocabulary": f.vocabulary} for name, f in module.feature_inputs]
+    signature = {"n_items": module.config.n_items, "n_categories": module.config.n_categories,
+                 "inputs": base + features}
+    check_input_names(_names(signature), error=ConfigError)
+    return signature
+
+
+def _names(signature: Mapping[str, Any]) -> tuple[str, ...]:
+    return tuple(spec["name"] for spec in signature["inputs"])
+
+
+def _export_program(module: ScorerModule, signature: Mapping[str, Any]) -> torch.export.ExportedProgram:
     """torch.export with dynamic users, history length and candidates; checked against the eager module."""
     config = module.config
     dim = torch.export.Dim
     users, candidates = dim("users", min=1), dim("candidates", min=1)
     history = dim("history", min=_min_history(config.top_k))
-    shapes = tuple({0: users, 1: candidates if name.startswith("cand") else history} for name in INPUT_NAMES)
-    example = _example_inputs(config.n_items, config.n_categories, users=2, length=config.top_k + 5,
-                              candidates=3, seed=0)
+    axes = {"(U,)": {0: users}, "(U, N)": {0: users, 1: history}, "(U, C)": {0: users, 1: candidates}}
+    shapes = [axes[spec["shape"]] for spec in signature["inputs"]]
+    if len(shapes) > len(INPUT_NAMES):  # forward's *features take one nested entry
+        shapes = [*shapes[:len(INPUT_NAMES)], tuple(shapes[len(INPUT_NAMES):])]
+    example = _example_inputs(signature, users=2, length=config.top_k + 5, candidates=3, seed=0)
     try:
         with torch.no_grad():
-            program = torch.export.export(module, example, dynamic_shapes=shapes, strict=False)
+            program = torch.export.export(module, example, dynamic_shapes=tuple(shapes), strict=False)
     except Exception as err:  # noqa: BLE001 -- tracing failures come in many types; each is "cannot export"
         raise ConfigError(f"torch.export cannot trace search {config.search!r}: {_first_line(err)}") from None
-    probe = _probe(module)
+    probe = _probe(module, signature)
     with torch.no_grad():
         gap = _gap(program.module()(*probe), module(*probe))
     if gap > 1.0:
@@ -174,17 +207,21 @@ def _export_program(module: ScorerModule) -> torch.export.ExportedProgram:
     return program
 
 
-def _export_onnx(program: torch.export.ExportedProgram, module: ScorerModule, target: Path) -> dict[str, Any]:
+def _export_onnx(program: torch.export.ExportedProgram, module: ScorerModule, signature: Mapping[str, Any],
+                 target: Path) -> dict[str, Any]:
     """Write the ONNX form when it exports and onnxruntime matches the eager scorer; else a note why not."""
     import onnxruntime
 
-    probe = _probe(module)
+    probe = _probe(module, signature)
+    names = _names(signature)
     try:
         with _quiet_onnx_exporter():
             onnx_program = torch.onnx.export(program, program.example_inputs[0], dynamo=True, verbose=False)
+        for value, name in zip(onnx_program.model.graph.inputs, names, strict=True):
+            value.name = name  # the program's names for its trailing feature inputs are features, features_1, ...
         onnx_program.save(target, external_data=False)
         session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-        got = session.run(None, {name: t.numpy() for name, t in zip(INPUT_NAMES, probe, strict=True)})[0]
+        got = session.run(None, {name: t.numpy() for name, t in zip(names, probe, strict=True)})[0]
     except Exception as err:  # noqa: BLE001 -- any exporter failure is a note in the manifest, not a failed export
         target.unlink(missing_ok=True)
         return {"exported": False, "reason": f"ONNX export failed: {_first_line(err)}"}
@@ -222,11 +259,9 @@ def _onnx_opset(path: Path) -> int | None:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
-def _probe(module: ScorerModule) -> tuple[torch.Tensor, ...]:
+def _probe(module: ScorerModule, signature: Mapping[str, Any]) -> tuple[torch.Tensor, ...]:
     """A check batch of other sizes than the traced example (so dynamic shapes are exercised)."""
-    config = module.config
-    return _example_inputs(config.n_items, config.n_categories, users=3, length=config.top_k + 9,
-                           candidates=4, seed=1)
+    return _example_inputs(signature, users=3, length=module.config.top_k + 9, candidates=4, seed=1)
 
 
 def _gap(got: torch.Tensor, expected: torch.Tensor) -> float:
@@ -234,17 +269,25 @@ def _gap(got: torch.Tensor, expected: torch.Tensor) -> float:
     return float(((got - expected).abs() / (PARITY_ATOL * (1 + expected.abs()))).max())
 
 
-def _example_inputs(n_items: int, n_categories: int, *, users: int, length: int, candidates: int,
+def _example_inputs(signature: Mapping[str, Any], *, users: int, length: int, candidates: int,
                     seed: int) -> tuple[torch.Tensor, ...]:
-    """Random inputs in INPUT_NAMES order; user u has a different number of real (left-padded) behaviours."""
+    """Random inputs in the signature's order; user u has a different number of real (left-padded) behaviours."""
     g = torch.Generator().manual_seed(seed)
+    n_items, n_categories = signature["n_items"], signature["n_categories"]
     real = torch.linspace(length, 1, users).long()                                   # full .. one behaviour
     mask = torch.arange(length) >= (length - real).unsqueeze(1)                     # (U, N)
     items = torch.randint(0, n_items, (users, length), generator=g) * mask
     cats = torch.randint(0, n_categories, (users, length), generator=g) * mask
     positions = torch.arange(length, 0, -1).expand(users, length).contiguous()
-    return (items, cats, mask, positions, torch.randint(0, n_items, (users, candidates), generator=g),
+    base = (items, cats, mask, positions, torch.randint(0, n_items, (users, candidates), generator=g),
             torch.randint(0, n_categories, (users, candidates), generator=g))
+    features = []
+    for spec in signature["inputs"][len(INPUT_NAMES):]:
+        shape = (users,) if spec["shape"] == "(U,)" else (users, length)
+        value = (torch.randn(shape, generator=g) if spec["dtype"] == "float32"
+                 else torch.randint(0, spec["vocabulary"], shape, generator=g))
+        features.append(value if spec["shape"] == "(U,)" else value * mask)
+    return base + tuple(features)
 
 
 def _run_record(source: Path) -> tuple[Path, dict[str, Any]]:
@@ -274,8 +317,10 @@ def _run_record(source: Path) -> tuple[Path, dict[str, Any]]:
     return checkpoint, record
 
 
-def _check_dataset(data: Path, model: TwoStageModel, *, recorded: str | None) -> str | None:
-    """The dataset's content hash, after checking it is the one the model was trained on."""
+def _check_dataset(data: Path, model: TwoStageModel, *, recorded: str | None
+                   ) -> tuple[str | None, dict[str, np.ndarray]]:
+    """The dataset's content hash and item feature tables, after checking it is the one the model was trained
+    on."""
     from darec.data.store import PreparedDataset
 
     dataset = PreparedDataset.open(data)
@@ -288,7 +333,7 @@ def _check_dataset(data: Path, model: TwoStageModel, *, recorded: str | None) ->
     if recorded and content != recorded:
         raise DataError(f"not the dataset this run was trained on (content hash {str(content)[:12]}..., the run "
                         f"recorded {recorded[:12]}...)", path=data)
-    return content
+    return content, dict(dataset.item_features)
 
 
 def _id_files(dataset: Path) -> dict[str, Path]:
@@ -312,11 +357,14 @@ class ExportedModel:
     """An export folder ready to score: the inputs and outputs of `Scorer.logits` / `Scorer.score`.
 
     `backend` "torch" runs model.pt2, "onnxruntime" runs model.onnx; both on CPU. Users are scored in
-    chunks that keep the (U, C, N) score matrix under `max_scores` floats, as the Scorer does."""
+    chunks that keep the (U, C, N) score matrix under `max_scores` floats, as the Scorer does. A model with
+    side features takes them where the Scorer does: `History.features` (U, N) and `History.user_features`
+    (U,) by feature name (`features`: what this export reads; others are ignored, as the Scorer does)."""
 
     def __init__(self, *, path: Path, config: dict[str, Any], manifest: dict[str, Any], backend: Backend,
-                 run: Callable[..., torch.Tensor], max_scores: int) -> None:
+                 inputs: list[dict[str, Any]], run: Callable[..., torch.Tensor], max_scores: int) -> None:
         self.path, self.config, self.manifest, self.backend = path, config, manifest, backend
+        self.inputs = inputs  # the program's inputs in positional order, each with its name, shape and dtype
         self._run, self.max_scores = run, max_scores
 
     @property
@@ -324,32 +372,68 @@ class ExportedModel:
         return int(self.config["min_history"])
 
     @property
+    def features(self) -> dict[str, dict[str, Any]]:
+        """The side-feature inputs by feature name: input name, kind, shape, dtype, vocabulary."""
+        return {spec["feature"]: spec for spec in self.inputs[len(INPUT_NAMES):]}
+
+    @property
     def ids_dir(self) -> Path | None:
-        """The exported dataset's id maps folder (open it with `darec.data.id_maps.IdMaps`), or None."""
+        """The exported dataset's id maps folder `ids/`, or None (`darec.data.id_maps.IdMaps.open(self.path)`
+        reads them: IdMaps opens the folder that holds `ids/`)."""
         return self.path / "ids" if self.config["dataset"]["ids"] else None
 
     @torch.inference_mode()
     def logits(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
         """Main-head logits (U, C), as `Scorer.logits`."""
         cpu = torch.device("cpu")
-        h = history.resolved(cpu).left_padded_to(self.min_history)
+        h = self._with_features(history).resolved(cpu).left_padded_to(self.min_history)
         items, cats = resolve_candidates(h, cand_items, cand_categories, cpu)
         self._check_ids(h, items, cats)
         (u, c), n = items.shape, h.items.shape[1]
         if u == 0 or c == 0:  # the program takes U, C >= 1
             return torch.zeros(u, c)
+        features = [(h.user_features if spec["kind"] == "user" else h.features)[name].to(_DTYPES[spec["dtype"]])
+                    for name, spec in self.features.items()]
         return torch.cat([self._run(h.items[rows], h.categories[rows], h.mask[rows], h.positions[rows],
-                                    items[rows], cats[rows]) for rows in user_chunks(u, c, n, self.max_scores)])
+                                    items[rows], cats[rows], *(t[rows] for t in features))
+                          for rows in user_chunks(u, c, n, self.max_scores)])
 
     def score(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
         """Click probabilities (U, C)."""
         return torch.sigmoid(self.logits(history, cand_items, cand_categories))
 
+    def _with_features(self, history: History) -> History:
+        """`history` with only the features this export reads, after checking each is there with its shape
+        (that of the history's items, or one value per user) and kind of dtype; one DataError naming it."""
+        items = torch.as_tensor(history.items)
+        users = items.shape[0] if items.dim() == 2 else 1
+        kept: dict[str, dict[str, torch.Tensor]] = {"hist": {}, "user": {}}
+        for name, spec in self.features.items():
+            user = spec["kind"] == "user"
+            given = history.user_features if user else history.features
+            where = f"{'user' if user else 'history'} feature {name!r} (input {spec['name']})"
+            if name not in given:
+                raise DataError(f"this export reads {where}, which the input does not carry (History."
+                                f"{'user_features' if user else 'features'}; carried: {sorted(given) or 'none'})")
+            value = torch.as_tensor(given[name])
+            shape = (users,) if user else items.shape
+            if value.shape != shape and not (user and value.shape == () and users == 1):
+                raise DataError(f"{where} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+            numeric = spec["dtype"] == "float32"
+            if value.dtype == torch.bool or value.is_floating_point() != numeric or value.is_complex():
+                raise DataError(f"{where} must be {'float values' if numeric else 'integer codes'}, got {value.dtype}")
+            kept["user" if user else "hist"][name] = value
+        return History(items=history.items, categories=history.categories, mask=history.mask,
+                       positions=history.positions, features=kept["hist"], user_features=kept["user"])
+
     def _check_ids(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> None:
-        """Ids outside the embedding tables would fail inside the program; name them here instead."""
+        """Ids and codes outside the embedding tables would fail inside the program; name them here instead."""
         n_items, n_cats = self.config["n_items"], self.config["n_categories"]
+        codes = [(f"{'user' if spec['kind'] == 'user' else 'history'} feature {name!r}",
+                  (h.user_features if spec["kind"] == "user" else h.features)[name], spec["vocabulary"])
+                 for name, spec in self.features.items() if spec["dtype"] == "int64"]
         for what, ids, size in (("history item", h.items, n_items), ("history category", h.categories, n_cats),
-                                ("candidate item", items, n_items), ("candidate category", cats, n_cats)):
+                                ("candidate item", items, n_items), ("candidate category", cats, n_cats), *codes):
             bad = (ids < 0) | (ids >= size)
             if bad.any():
                 raise DataError(f"{what} ids must be in [0, {size}), got {ids[bad][:5].tolist()}")
@@ -371,9 +455,28 @@ def load_exported(path: str | Path, *, backend: Backend = "torch",
                         + (f": {note['reason']}" if backend == "onnxruntime" and note.get("reason") else ""), path=path)
     contents = _verified_files(path, manifest, keep=(CONFIG, model_file))
     config = _parse_json(contents[CONFIG], path / CONFIG)
+    inputs = _read_inputs(config, path / CONFIG)
     load = _torch_program if backend == "torch" else _onnx_session
-    return ExportedModel(path=path, config=config, manifest=manifest, backend=backend,
-                         run=load(contents[model_file], path / model_file), max_scores=max_scores)
+    run = load(contents[model_file], path / model_file, tuple(spec["name"] for spec in inputs))
+    return ExportedModel(path=path, config=config, manifest=manifest, backend=backend, inputs=inputs, run=run,
+                         max_scores=max_scores)
+
+
+def _read_inputs(config: dict[str, Any], file: Path) -> list[dict[str, Any]]:
+    """The program's inputs in positional order (`input_order`; the six of INPUT_NAMES in an export written
+    before side features), each with its name, after checking every entry is one the exporter writes."""
+    inputs, order = config.get("inputs"), config.get("input_order", list(INPUT_NAMES))
+    if not (isinstance(inputs, dict) and isinstance(order, list) and sorted(map(str, order)) == sorted(inputs)
+            and all(isinstance(spec, dict) for spec in inputs.values())):
+        raise DataError("config.json: inputs and input_order do not name the same inputs", path=file)
+    check_input_names(tuple(order), error=DataError, path=file)
+    specs = [{"name": name, **inputs[name]} for name in order]
+    for spec in specs[len(INPUT_NAMES):]:
+        if not (spec.get("dtype") in _DTYPES and spec.get("kind") in _KINDS
+                and spec.get("shape") == ("(U,)" if spec["kind"] == "user" else "(U, N)")
+                and isinstance(spec.get("feature"), str) and isinstance(spec.get("vocabulary"), int)):
+            raise DataError(f"malformed input {spec['name']!r} in config.json", path=file)
+    return specs
 
 
 def check_export(path: str | Path) -> dict[str, Any]:
@@ -383,10 +486,13 @@ def check_export(path: str | Path) -> dict[str, Any]:
     manifest = _read_manifest(Path(path))
     backends = [b for b in BACKENDS if (PROGRAM if b == "torch" else ONNX_MODEL) in manifest["files"]]
     models = [load_exported(path, backend=backend) for backend in backends]
-    config = models[0].config
-    inputs = _example_inputs(config["n_items"], config["n_categories"], users=2, length=config["min_history"] + 3,
-                             candidates=5, seed=2)
-    history = History(items=inputs[0], categories=inputs[1], mask=inputs[2], positions=inputs[3])
+    config, features = models[0].config, models[0].features
+    signature = {"n_items": config["n_items"], "n_categories": config["n_categories"], "inputs": models[0].inputs}
+    inputs = _example_inputs(signature, users=2, length=config["min_history"] + 3, candidates=5, seed=2)
+    values = {name: value for name, value in zip(features, inputs[len(INPUT_NAMES):], strict=True)}
+    history = History(items=inputs[0], categories=inputs[1], mask=inputs[2], positions=inputs[3],
+                      features={n: v for n, v in values.items() if features[n]["kind"] != "user"},
+                      user_features={n: v for n, v in values.items() if features[n]["kind"] == "user"})
     logits = [model.logits(history, inputs[4], inputs[5]) for model in models]
     gap = max((_gap(other, logits[0]) for other in logits[1:]), default=0.0)
     if gap > 1.0:
@@ -451,8 +557,8 @@ def _inside(root: Path, rel: str) -> Path:
     return root.joinpath(*parts)
 
 
-def _torch_program(data: bytes, file: Path) -> Callable[..., torch.Tensor]:
-    check_program(data, path=file)
+def _torch_program(data: bytes, file: Path, inputs: tuple[str, ...]) -> Callable[..., torch.Tensor]:
+    check_program(data, path=file, inputs=inputs)
     try:
         module = torch.export.load(io.BytesIO(data)).module()
     except Exception as err:  # noqa: BLE001 -- bytes that passed the check but that torch cannot read: damaged
@@ -463,7 +569,7 @@ def _torch_program(data: bytes, file: Path) -> Callable[..., torch.Tensor]:
     return module
 
 
-def _onnx_session(data: bytes, file: Path) -> Callable[..., torch.Tensor]:
+def _onnx_session(data: bytes, file: Path, inputs: tuple[str, ...]) -> Callable[..., torch.Tensor]:
     """An onnxruntime session on the verified bytes; tensors stored outside the file are refused (they
     would be read from paths the model names)."""
     import onnx
@@ -479,11 +585,11 @@ def _onnx_session(data: bytes, file: Path) -> Callable[..., torch.Tensor]:
     options.intra_op_num_threads = torch.get_num_threads()  # one CPU thread setting for the process, torch's
     session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     names = tuple(i.name for i in session.get_inputs())
-    if names != INPUT_NAMES:
-        raise DataError(f"the ONNX model's inputs are {list(names)}, expected {list(INPUT_NAMES)}", path=file)
+    if names != inputs:
+        raise DataError(f"the ONNX model's inputs are {list(names)}, expected {list(inputs)}", path=file)
 
     def run(*tensors: torch.Tensor) -> torch.Tensor:
-        feed = {name: t.numpy() for name, t in zip(INPUT_NAMES, tensors, strict=True)}
+        feed = {name: t.numpy() for name, t in zip(inputs, tensors, strict=True)}
         return torch.from_numpy(session.run(None, feed)[0])
 
     return run

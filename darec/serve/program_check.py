@@ -11,10 +11,12 @@ list too), so `check_program` reads the archive itself, from the very bytes torc
 accepts only what darec's exporter writes:
 
 * the archive entries of one program: raw tensor payloads and JSON, no pickled, custom or opaque object,
-  no compiled (AOTInductor) code, no extra files; empty sample inputs (darec exports none);
+  no compiled (AOTInductor) code, no extra files, no tensor constants; empty sample inputs (darec exports
+  none);
 * graph calls to an allow-list of ATen tensor operators and shape arithmetic;
 * symbolic-shape and guard strings of a fixed grammar (sizes, integers, arithmetic, comparisons, min/max);
-* the six-tensor input spec and single-tensor output spec of `ScorerModule.forward`;
+* the input spec of `ScorerModule.forward` (its six tensors, then one per side feature: `inputs`, the names
+  config.json lists, themselves checked by `check_input_names`) and its single-tensor output spec;
 * every other string only under a field known to be stored as data (names, stack traces, versions).
 
 Anything else is refused with one `DataError` line; darec's own exports are checked by this same function
@@ -32,9 +34,11 @@ from typing import Any
 
 from darec.errors import DataError
 
-__all__ = ["check_program", "ALLOWED_ATEN_OPS", "INPUT_NAMES"]
+__all__ = ["check_program", "check_input_names", "ALLOWED_ATEN_OPS", "INPUT_NAMES"]
 
+# The inputs of every exported scorer; a model with side features has one more per feature after them.
 INPUT_NAMES = ("hist_items", "hist_categories", "hist_mask", "hist_positions", "cand_items", "cand_categories")
+_FEATURE_INPUT = re.compile(r"(?!.*__)(?:hist|user)_[A-Za-z_]\w{0,99}")  # hist_NAME (U, N), user_NAME (U,)
 
 # ATen operators an exported darec scorer may call: tensor arithmetic, indexing and shape ops only (no
 # file, storage or process access). `darec export` refuses a program calling anything else.
@@ -72,8 +76,10 @@ _SYMPY_WORDS = frozenset({
     "FloorToInt", "CleanDiv", "CeilDiv", "TruncToInt", "IntTrueDiv", "Identity", "positive", "nonnegative",
     "negative", "integer", "real", "finite", "True", "False"})
 _SYMPY_TOKEN = re.compile(r"\s*(?:(?P<word>[A-Za-z_]\w*)|'s\d{1,6}'|-?\d{1,19}|[(),=])")
-# Grammar of guard code: input sizes, integers, arithmetic, comparisons, min/max, and/or/not.
-_GUARD_TOKEN = re.compile(r"\s*(?:L\['(?P<input>\w+)'\]\.size\(\)\[\d\]|\d{1,19}|(?:min|max|and|or|not)\b"
+# Grammar of guard code: input sizes, integers, arithmetic, comparisons, min/max, and/or/not. Feature inputs
+# (forward's *features) are named L['features'][i].
+_GUARD_TOKEN = re.compile(r"\s*(?:L\['(?P<input>\w+)'\](?P<index>\[\d{1,4}\])?\.size\(\)\[\d\]|\d{1,19}"
+                          r"|(?:min|max|and|or|not)\b"
                           r"|==|!=|<=|>=|//|[-+*%<>(),])")
 _NAME = re.compile(r"(?!.*__)[A-Za-z_][\w.]*")   # identifiers and dotted paths, never a dunder
 _SYMBOL = re.compile(r"s\d{1,6}")                 # backed size symbols (darec programs have no data-dependent size)
@@ -88,8 +94,23 @@ _STRING_RULES = {
 }
 
 
-def check_program(data: bytes, *, path: Path) -> None:
-    """DataError unless `data` (a .pt2 archive) holds only what darec's exporter writes (see module doc)."""
+def check_input_names(names: tuple[str, ...], *, error: type[Exception] = DataError, path: Path | None = None
+                      ) -> None:
+    """`error` unless `names` are INPUT_NAMES then distinct `hist_NAME` / `user_NAME` identifiers: names
+    guard strings may mention and ONNX inputs may carry (a feature name that is not an identifier cannot
+    be an input name)."""
+    features = names[len(INPUT_NAMES):]
+    bad = next((name for name in features if not (isinstance(name, str) and _FEATURE_INPUT.fullmatch(name))), None)
+    if names[:len(INPUT_NAMES)] != INPUT_NAMES or bad is not None or len(set(names)) != len(names):
+        reason = (f"input {bad!r} is not hist_NAME or user_NAME with NAME an identifier" if bad is not None
+                  else f"inputs must be {list(INPUT_NAMES)} then distinct feature inputs, got {list(names)}")
+        raise error(reason) if path is None else error(reason, path=path)
+
+
+def check_program(data: bytes, *, path: Path, inputs: tuple[str, ...] = INPUT_NAMES) -> None:
+    """DataError unless `data` (a .pt2 archive) holds only what darec's exporter writes (see module doc) for a
+    program with `inputs` (positional, as `check_input_names` accepts them)."""
+    check_input_names(inputs, path=path)
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
         names = archive.namelist()
@@ -101,7 +122,7 @@ def check_program(data: bytes, *, path: Path) -> None:
         _refuse("the program carries constants (darec's exports hold only weights)", path)
     if archive.getinfo(entries["data/sample_inputs/model.pt"]).file_size != 0:
         _refuse("the program carries pickled sample inputs (darec's exports hold none)", path)
-    _check_graph(_json(archive, entries["models/model.json"], path), path)
+    _check_graph(_json(archive, entries["models/model.json"], path), inputs, path)
 
 
 def _refuse(reason: str, path: Path) -> None:
@@ -147,7 +168,7 @@ def _check_weights(config: Any, entries: dict[str, str], path: Path) -> None:
             _refuse(f"weight {fqn!r} is not a raw tensor payload of the archive (pickled or missing)", path)
 
 
-def _check_graph(program: Any, path: Path) -> None:
+def _check_graph(program: Any, inputs: tuple[str, ...], path: Path) -> None:
     if not isinstance(program, dict) or not isinstance(program.get("graph_module"), dict):
         _refuse("malformed program JSON", path)
     for key in program.get("range_constraints") or {}:
@@ -155,7 +176,8 @@ def _check_graph(program: Any, path: Path) -> None:
             _refuse(f"unexpected size symbol {key!r}", path)
     if (program["graph_module"].get("graph") or {}).get("custom_obj_values"):
         _refuse("the program holds custom objects", path)
-    in_spec, out_spec = _expected_specs()
+    in_spec, out_spec = _expected_specs(len(inputs))
+    guard_inputs = (*INPUT_NAMES, *(f"features[{i}]" for i in range(len(inputs) - len(INPUT_NAMES))))
     for key, value in _strings(program):
         if key == "target":
             if not (value in _ALLOWED_CALLS or ((m := _ATEN_CALL.fullmatch(value)) and m[1] in ALLOWED_ATEN_OPS)):
@@ -163,10 +185,10 @@ def _check_graph(program: Any, path: Path) -> None:
         elif key == "expr_str":
             _check_tokens(value, _SYMPY_TOKEN, "symbolic size", path)
         elif key == "guards_code":
-            _check_tokens(value, _GUARD_TOKEN, "guard", path)
+            _check_tokens(value, _GUARD_TOKEN, "guard", path, guard_inputs)
         elif key in ("in_spec", "out_spec"):
             if value != (in_spec if key == "in_spec" else out_spec):
-                _refuse(f"unexpected {key} (not the scorer's six tensors in, one tensor out)", path)
+                _refuse(f"unexpected {key} (not the scorer's {len(inputs)} tensors in, one tensor out)", path)
         elif key in _NAME_FIELDS:
             if value and not _NAME.fullmatch(value):
                 _refuse(f"unexpected {key} {value[:60]!r}", path)
@@ -187,21 +209,22 @@ def _strings(obj: Any, key: str = "") -> Iterator[tuple[str, str]]:
         yield key, obj
 
 
-def _check_tokens(text: str, token: re.Pattern, what: str, path: Path) -> None:
+def _check_tokens(text: str, token: re.Pattern, what: str, path: Path, inputs: tuple[str, ...] = ()) -> None:
     """`text` must be a sequence of `token`s whose words and input names are the allowed ones."""
     pos = 0
     while pos < len(text.rstrip()):
         match = token.match(text, pos)
         word = match and match.groupdict().get("word")
         name = match and match.groupdict().get("input")
-        if not match or match.end() == pos or (word and word not in _SYMPY_WORDS) or (name and name not in INPUT_NAMES):
+        name = name and name + (match["index"] or "")
+        if not match or match.end() == pos or (word and word not in _SYMPY_WORDS) or (name and name not in inputs):
             _refuse(f"unexpected {what} expression {text[:80]!r}", path)
         pos = match.end()
 
 
-def _expected_specs() -> tuple[str, str]:
-    """The pytree specs torch writes for `ScorerModule.forward(*six tensors) -> tensor`."""
+def _expected_specs(n_inputs: int) -> tuple[str, str]:
+    """The pytree specs torch writes for `ScorerModule.forward(*n_inputs tensors) -> tensor`."""
     from torch.utils import _pytree as pytree
 
-    return (pytree.treespec_dumps(pytree.tree_structure((tuple(range(len(INPUT_NAMES))), {}))),
+    return (pytree.treespec_dumps(pytree.tree_structure((tuple(range(n_inputs)), {}))),
             pytree.treespec_dumps(pytree.tree_structure(0)))

@@ -38,6 +38,7 @@ from darec.models.two_stage import TwoStageModel
 from darec.registry import registrar
 from darec.serve.fused_search import search_topk
 from darec.serve.history import DEFAULT_MAX_SCORES, History, resolve_candidates, user_chunks
+from darec.serve.program_check import INPUT_NAMES
 
 __all__ = ["Scorer", "ScorerModule", "History", "SearchResult", "SERVE_SEARCHES", "register_serve_search"]
 
@@ -133,15 +134,28 @@ def _logits_at(inputs: _SearchInputs, index: torch.Tensor) -> SearchResult:
     return SearchResult(logits=logits, index=index)
 
 
+def item_table(values: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """An item id -> code (int64) or numeric value (float32) table, copied (a dataset's are read-only maps)."""
+    table = torch.from_numpy(np.array(values))
+    return table.float() if table.is_floating_point() else table.long()
+
+
 class ScorerModule(torch.nn.Module):
     """The serving computation on plain tensors: (U, N) histories and (U, C) candidates -> logits (U, C).
 
-    One module, so that `Scorer` (input checks and user chunks around it) and `torch.export`
-    (darec.serve.export) run the very same code: an exported program is this forward, traced.
-    Inputs are resolved (`History.resolved`): int64 ids and positions, bool mask.
+    One module, so that `Scorer` (input checks and user chunks around it, through `logits`) and
+    `torch.export` (darec.serve.export, through `forward`) run the very same code: an exported program is
+    this forward, traced. Inputs are resolved (`History.resolved`): int64 ids and positions, bool mask.
+
+    `forward` takes flat tensors, `input_names` in order: the six of a model without side features, then one
+    per side feature in `config.features` order, `hist_NAME` (U, N) for a behaviour's feature (item and
+    context kinds) and `user_NAME` (U,) for a user feature, int64 codes or float32 values (numeric features).
+    Candidates' item features are looked up inside it from `item_features` (item id -> code or value tables,
+    kept as buffers), so a caller passes only candidate items.
     """
 
-    def __init__(self, model: TwoStageModel, *, fused: bool | None = None) -> None:
+    def __init__(self, model: TwoStageModel, *, fused: bool | None = None,
+                 item_features: Mapping[str, np.ndarray | torch.Tensor] | None = None) -> None:
         super().__init__()
         config = model.config
         if config.score != "dot":
@@ -154,23 +168,43 @@ class ScorerModule(torch.nn.Module):
         self.config = config
         self.fused = fused
         self._search = SERVE_SEARCHES[config.search]
+        self.feature_inputs = tuple((f"{'user' if f.kind == 'user' else 'hist'}_{f.name}", f) for f in config.features)
+        self.input_names = INPUT_NAMES + tuple(name for name, _ in self.feature_inputs)
+        device = next(model.parameters()).device
+        for name in config.item_features:  # buffers item_table_NAME (no attribute at all without item features)
+            if name in (item_features or {}):
+                self.register_buffer(f"item_table_{name}", item_table(item_features[name]).to(device))
 
     def forward(self, hist_items: torch.Tensor, hist_categories: torch.Tensor, hist_mask: torch.Tensor,
                 hist_positions: torch.Tensor, cand_items: torch.Tensor, cand_categories: torch.Tensor,
-                hist_features: Mapping[str, torch.Tensor] | None = None,
-                cand_features: Mapping[str, torch.Tensor] | None = None,
-                user_features: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """Main-head logits (U, C): every embedding set's head input side by side, as in training.
-        Side-feature codes (models with side features only): history (U, N), candidates (U, C), users (U,)."""
+                *features: torch.Tensor) -> torch.Tensor:
+        """Main-head logits (U, C) of flat inputs (`input_names`): what an exported program computes."""
+        by_input = dict(zip((name for name, _ in self.feature_inputs), features, strict=True))
         h = History(items=hist_items, categories=hist_categories, mask=hist_mask, positions=hist_positions,
-                    features=hist_features or {})
+                    features={f.name: by_input[name] for name, f in self.feature_inputs if f.kind != "user"},
+                    user_features={f.name: by_input[name] for name, f in self.feature_inputs if f.kind == "user"})
+        return self.logits(h, cand_items, cand_categories, self.candidate_features(cand_items))
+
+    def candidate_features(self, cand_items: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The candidates' item features from the `item_features` tables: (U, C) each."""
+        missing = [name for name in self.config.item_features if not hasattr(self, f"item_table_{name}")]
+        if missing:
+            raise ConfigError(f"this model reads item feature(s) {missing}: give the ScorerModule the dataset's "
+                              "item tables (item_features=dataset.item_features)")
+        return {name: self.get_buffer(f"item_table_{name}")[cand_items] for name in self.config.item_features}
+
+    def logits(self, h: History, cand_items: torch.Tensor, cand_categories: torch.Tensor,
+               cand_features: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Main-head logits (U, C) of a resolved history: every embedding set's head input side by side, as in
+        training. Side features (models with side features only): `h.features` (U, N), `h.user_features` (U,),
+        `cand_features` (U, C)."""
         u, c = cand_items.shape
         features = []
         for emb, search in self.model.embedding_sets:  # M sets (1 unless multi-embedding)
             found = self._search(self._inputs(emb, search, h, cand_items, cand_categories, cand_features))
             r = found.interest if found.interest is not None else self._attend(emb, h, found)  # (U, C, E)
             target = emb.target(cand_items, cand_categories, cand_features)             # (U, C, E)
-            user = emb.user(user_features)                                              # (U, n_u d_R) or None
+            user = emb.user(h.user_features)                                            # (U, n_u d_R) or None
             user = None if user is None else user.unsqueeze(1).expand(-1, c, -1)        # (U, C, n_u d_R)
             features.append(head_features(target, r, target_aware=self.config.target_aware, user=user))
         return self.model.head(torch.cat(features, dim=-1).reshape(u * c, -1)).reshape(u, c)
@@ -224,9 +258,10 @@ class Scorer:
         return cls(load_model_checkpoint(path, device=device), fused=fused, item_features=item_features)
 
     def use_item_features(self, tables: Mapping[str, np.ndarray | torch.Tensor]) -> None:
-        """Item id -> code tables (n_items,) of the model's item features (a dataset's `item_features`), from
-        which candidates' codes are looked up; tables of features the model does not read are ignored."""
-        self.item_features = {name: torch.as_tensor(np.asarray(tables[name], dtype=np.int64)).to(self.device)
+        """Item id -> code tables (n_items,) of the model's item features (a dataset's `item_features`; float
+        values for numeric ones), from which candidates' codes are looked up; tables of features the model
+        does not read are ignored."""
+        self.item_features = {name: item_table(tables[name]).to(self.device)
                               for name in self.config.item_features if name in tables}
 
     def _candidate_features(self, items: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -261,8 +296,7 @@ class Scorer:
         parts = []
         for rows in user_chunks(u, c, n, self.max_scores):  # a few chunks, each vectorised
             part = h.rows(rows)
-            parts.append(self.module(part.items, part.categories, part.mask, part.positions, items[rows], cats[rows],
-                                     part.features, {k: v[rows] for k, v in cand.items()}, part.user_features))
+            parts.append(self.module.logits(part, items[rows], cats[rows], {k: v[rows] for k, v in cand.items()}))
         return torch.cat(parts)
 
     def score(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:

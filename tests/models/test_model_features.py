@@ -287,10 +287,10 @@ def test_service_serves_feature_models_for_stored_users(full_ds, tmp_path):
         assert refused.status_code == 422 and "side features" in refused.json()["detail"]
 
 
-def test_export_refuses_feature_models(full_ds, tmp_path):
+def test_export_refuses_item_feature_models_without_their_item_tables(full_ds, tmp_path):
     model = build_model(preset_config("dare", n_items=full_ds.n_items, n_categories=full_ds.n_categories, dim=4,
                                       features=feature_fields(full_ds, ("brand",))))
-    with pytest.raises(ConfigError, match="side features") as info:
+    with pytest.raises(ConfigError, match=r"item feature\(s\) \['brand'\]") as info:
         export_model(model, tmp_path / "export", progress=False)
     assert "\n" not in str(info.value) and not (tmp_path / "export").exists()
 
