@@ -1,19 +1,22 @@
 """`darec serve`: the Scorer behind HTTP, for clients that speak raw ids.
 
 One process loads the model, the prepared dataset (memory-mapped histories) and its raw-id maps once;
-every request is validated by pydantic and encoded to internal ids in a few vectorised calls on the
-event loop, then queued for the one scoring thread, which scores the requests waiting together
-(`darec.serve.batching`: one `Scorer` call of U users x C candidates per batch) and renders each reply's
-JSON; the event loop keeps reading requests and answering /healthz meanwhile.
+every request is validated by pydantic and encoded to internal ids and codes in a few vectorised calls on
+the event loop (`darec.serve.request_codes`), then queued for the one scoring thread, which gathers stored
+users' histories and scores the requests waiting together (`darec.serve.batching`: one `Scorer` call of U
+users x C candidates per batch) and renders each reply's JSON; the event loop keeps reading requests and
+answering /healthz meanwhile.
 
 A bad request is always a 4xx with a one-line `detail`, never a 500:
-    422  malformed JSON, wrong types, unknown fields, lengths that disagree, empty candidates
+    422  malformed JSON, wrong types, unknown fields, lengths that disagree, empty candidates, a side feature
+         the model reads missing from an explicit history
     400  a body that is not UTF-8 or too deeply nested to parse (FastAPI's own answer)
-    404  a user or an item (or category) id the dataset does not know (items: under --unknown error)
+    404  an unknown user; an unknown item, category or side-feature value under --unknown error
     413  a body above --max-body-bytes, more than --max-candidates candidates, a history longer
          than --max-history
 """
 # No `from __future__ import annotations`: the endpoint's body type is a per-dataset class FastAPI must see.
+import gc
 import json
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -23,20 +26,19 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
 import numpy as np
-import polars as pl
 import torch
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, model_validator
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from typing_extensions import TypeAliasType
 
 from darec.data.id_maps import ID_KINDS, IdMaps, UnknownPolicy
 from darec.data.store import PreparedDataset
-from darec.errors import DataError
 from darec.serve.batching import MicroBatcher
 from darec.serve.predict import load_scorer, user_histories
+from darec.serve.request_codes import RequestEncoder
 from darec.serve.scorer import History
 
 __all__ = ["ServeSettings", "ScoreRequest", "ScoreResponse", "IntId", "StrId", "create_app", "app_from_environment",
@@ -51,6 +53,8 @@ _SHOWN_ERRORS = 5  # validation errors listed in a 422 (a list of 10,000 bad val
 IntId = TypeAliasType("IntId", Annotated[StrictInt, Field(ge=-(2 ** 63), le=2 ** 63 - 1)])
 StrId = TypeAliasType("StrId", Annotated[StrictStr, Field(min_length=1, max_length=256)])
 UserId, ItemId, CategoryId = TypeVar("UserId"), TypeVar("ItemId"), TypeVar("CategoryId")
+# A raw side-feature value: an id of the feature's map (dictionary), any id (hash), or a number (numeric)
+FeatureValue = TypeAliasType("FeatureValue", IntId | StrictFloat | StrId | None)
 
 
 class ServeSettings(BaseModel):
@@ -79,15 +83,20 @@ class _Strict(BaseModel):
 
 
 class HistoryIn(_Strict, Generic[ItemId, CategoryId]):
-    """Behaviours oldest first (or in any order when `timestamps` are given: they are sorted by them)."""
+    """Behaviours oldest first (or in any order when `timestamps` are given: they are sorted by them), with
+    the raw values of the side features a feature model reads (see docs/serving.md)."""
 
     items: list[ItemId]
     categories: list[CategoryId] | None = None  # default: each item's category in the dataset
     timestamps: list[float] | None = None
+    features: dict[str, list[FeatureValue]] | None = None  # per behaviour, by feature name (null: missing)
+    user_features: dict[str, FeatureValue] | None = None  # of the user, by feature name (absent: missing)
+    time: float | None = None  # when the candidates are scored (time features); default the latest timestamp
 
     @model_validator(mode="after")
     def _same_lengths(self) -> "HistoryIn":
-        _check_lengths("history", self.items, categories=self.categories, timestamps=self.timestamps)
+        features = {f"features.{name}": values for name, values in (self.features or {}).items()}
+        _check_lengths("history", self.items, categories=self.categories, timestamps=self.timestamps, **features)
         return self
 
 
@@ -145,17 +154,16 @@ class _Model:
         self.dataset = PreparedDataset.open(settings.data)
         self.ids = IdMaps.open(settings.data)
         self.scorer = load_scorer(settings.checkpoint, self.dataset, device=settings.device)
-        config = self.scorer.config
-        self.item_categories = np.asarray(self.dataset.item_categories, dtype=np.int64)  # (n_items,), small
-        self.max_len = config.max_len
-        id_types = [IntId if self.ids.raw_dtype(kind) == pl.Int64 else StrId for kind in ID_KINDS]
-        self.request_model = ScoreRequest[tuple(id_types)]
+        self.codes = RequestEncoder(self.dataset, self.ids, self.scorer.config, unknown=settings.unknown)
+        self.lengths = np.diff(np.asarray(self.dataset.offsets))                         # (n_users,) stored behaviours
+        self.max_len = self.scorer.config.max_len
+        self.request_model = ScoreRequest[tuple(IntId if self.codes.integer_ids[kind] else StrId for kind in ID_KINDS)]
 
     def info(self) -> dict[str, Any]:
         c, s = self.scorer.config, self.settings
         return {"model": {"search": c.search, "tables": c.tables, "dim": c.dim, "attention_dim": c.attn_dim,
                           "top_k": c.top_k, "max_len": c.max_len, "n_items": c.n_items,
-                          "n_categories": c.n_categories},
+                          "n_categories": c.n_categories, "features": [f.name for f in c.features]},
                 "checkpoint": s.checkpoint.name, "device": str(self.scorer.device),
                 "batching": {"max_batch": s.max_batch, "batch_wait_ms": s.batch_wait_ms},
                 "users": self.dataset.n_users, "unknown": s.unknown,
@@ -171,21 +179,17 @@ class _Model:
         if request.history is not None and len(request.history.items) > self.settings.max_history:
             raise HTTPException(413, f"history of {len(request.history.items)} behaviours, at most "
                                      f"{self.settings.max_history}")
-        features = self.scorer.config.features
-        if request.history is not None and features:
-            raise HTTPException(422, f"history: this model reads side features "
-                                     f"({', '.join(f.name for f in features)}), which an explicit history does "
-                                     "not carry; send a stored `user` instead")
-        items, known = self._encode("item", cands.items, "candidates.items", allow_unknown=True)
-        categories = self._item_categories(items, cands.categories, "candidates.categories")
-        if request.history is None:
-            user = int(self._encode("user", [request.user], "user", allow_unknown=False)[0][0])
-            hist_items, hist_categories = self._stored_history(user)
-        else:
-            user, (hist_items, hist_categories) = None, self._given_history(request.history)
-        return _Encoded(user=user, hist_items=hist_items, hist_categories=hist_categories, cand_items=items,
-                        cand_categories=categories, raw_candidates=np.asarray(cands.items, dtype=object),
-                        known=known, top_k=request.top_k)
+        items, known = self.codes.ids("item", cands.items, "candidates.items", allow_unknown=True)
+        categories = self.codes.item_categories(items, cands.categories, "candidates.categories")
+        candidates = {"cand_items": items, "cand_categories": categories, "known": known, "top_k": request.top_k,
+                      "raw_candidates": np.asarray(cands.items, dtype=object)}
+        if request.history is not None:
+            history, users = self.codes.history(request.history)
+            return _Encoded(user=None, length=len(history["items"]), history=history, user_features=users,
+                            history_length=int(np.count_nonzero(history["items"])), **candidates)
+        user = int(self.codes.ids("user", [request.user], "user", allow_unknown=False)[0][0])
+        length = int(min(self.lengths[user], self.max_len))  # its history is gathered with its batch
+        return _Encoded(user=user, length=length, history={}, user_features={}, history_length=length, **candidates)
 
     def score_batch(self, batch: Sequence["_Encoded"]) -> list[bytes]:
         """The JSON reply of every request in `batch`, in order. Requests with candidate counts and
@@ -194,7 +198,7 @@ class _Model:
         what padding can cost: less than twice the work of each request."""
         groups: dict[tuple[int, int], list[int]] = {}
         for index, encoded in enumerate(batch):
-            key = (len(encoded.cand_items) - 1).bit_length(), len(encoded.hist_items).bit_length()
+            key = (len(encoded.cand_items) - 1).bit_length(), encoded.length.bit_length()
             groups.setdefault(key, []).append(index)
         bodies: list[bytes] = [b""] * len(batch)
         for indices in groups.values():
@@ -204,64 +208,65 @@ class _Model:
 
     def _score_group(self, group: list["_Encoded"]) -> list[bytes]:
         """One Scorer call for U requests: (U, N) left-padded histories, (U, C) right-padded candidates."""
-        length = max(1, max(len(e.hist_items) for e in group))  # 1 masked slot if every history is empty
-        if self.scorer.config.features:  # stored users only (encode refuses explicit histories): their side features too
-            history = user_histories(self.dataset, np.array([e.user for e in group], dtype=np.int64), length)
-        else:
-            history = History.left_pad([e.hist_items for e in group], [e.hist_categories for e in group],
-                                       length=length)
+        history = self._histories(group, max(1, max(e.length for e in group)))  # 1 masked slot if all are empty
         width = max(len(e.cand_items) for e in group)
-        items, categories = np.zeros((2, len(group), width), dtype=np.int64)  # padding item 0, category 0
-        for row, encoded in enumerate(group):
-            items[row, :len(encoded.cand_items)] = encoded.cand_items
-            categories[row, :len(encoded.cand_items)] = encoded.cand_categories
+        items = _padded([e.cand_items for e in group], width, left=False)  # padding item 0, category 0
+        categories = _padded([e.cand_categories for e in group], width, left=False)
         probs = self.scorer.score(history, torch.from_numpy(items), torch.from_numpy(categories))
         probs = probs.cpu().numpy().astype(np.float64)                                    # (U, C)
         return [encoded.reply(row[:len(encoded.cand_items)]) for encoded, row in zip(group, probs)]
 
-    def _encode(self, kind: str, raw: list, field: str, *, allow_unknown: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Internal ids and a known-mask; an unknown id is a 404 unless the policy is oov and
-        `allow_unknown` (then it maps to the padding row). A value of the wrong kind is a 422."""
-        try:
-            ids = self.ids.encode(kind, raw, unknown="oov")
-        except DataError as err:
-            raise HTTPException(422, f"{field}: {err}") from None
-        known = ids != self.ids.oov_id(kind)
-        if not known.all() and not (allow_unknown and self.settings.unknown == "oov"):
-            unknown = np.asarray(raw, dtype=object)[~known]
-            raise HTTPException(404, f"{field}: {len(unknown)} {kind} id(s) not in the dataset, first "
-                                     f"{unknown[:5].tolist()}")
-        return ids, known
+    def _histories(self, group: list["_Encoded"], length: int) -> History:
+        """(U, length) left-padded histories with the model's side features: stored users' gathered from
+        the dataset in one call (`user_histories`, as `darec predict` builds them), explicit ones from their
+        encoded arrays (an unknown behaviour, id 0, is masked where it stands)."""
+        stored = np.array([e.user is not None for e in group])
+        users = np.array([e.user for e in group if e.user is not None], dtype=np.int64)
+        if stored.all():
+            return user_histories(self.dataset, users, length)
+        given = [e for e in group if e.user is None]
+        fields = {name: _padded([e.history[name] for e in given], length, left=True) for name in given[0].history}
+        codes = {name: np.array([e.user_features[name] for e in given], dtype=np.int64)
+                 for name in self.codes.user_features}
+        mask = fields["items"] != 0
+        if stored.any():
+            read = user_histories(self.dataset, users, length)
+            read_fields = {"items": read.items, "categories": read.categories} | dict(read.features)
+            fields = {name: _rows_from(stored, read_fields[name].numpy(), sent) for name, sent in fields.items()}
+            codes = {name: _rows_from(stored, read.user_features[name].numpy(), sent) for name, sent in codes.items()}
+            mask = _rows_from(stored, read.mask.numpy(), mask)
+        tensors = {name: torch.from_numpy(values) for name, values in fields.items()}
+        return History(items=tensors.pop("items"), categories=tensors.pop("categories"), mask=torch.from_numpy(mask),
+                       features=tensors, user_features={name: torch.from_numpy(c) for name, c in codes.items()})
 
-    def _item_categories(self, items: np.ndarray, raw: list | None, field: str) -> np.ndarray:
-        if raw is None:
-            return self.item_categories[items]
-        return self._encode("category", raw, field, allow_unknown=True)[0]
 
-    def _stored_history(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """The most recent max_len behaviours of prepared user `row`, read from the memory-mapped dataset."""
-        lo, hi = int(self.dataset.offsets[row]), int(self.dataset.offsets[row + 1])
-        lo = max(lo, hi - self.max_len)
-        return (np.asarray(self.dataset.items[lo:hi], dtype=np.int64),
-                np.asarray(self.dataset.categories[lo:hi], dtype=np.int64))
+def _rows_from(stored: np.ndarray, read: np.ndarray, given: np.ndarray) -> np.ndarray:
+    """Rows of a group in order: `read` (from the dataset) where `stored`, `given` (explicit) elsewhere."""
+    out = np.empty((len(stored), *given.shape[1:]), dtype=np.result_type(read, given))
+    out[stored], out[~stored] = read, given
+    return out
 
-    def _given_history(self, history: HistoryIn) -> tuple[np.ndarray, np.ndarray]:
-        """The explicit history in time order, cut to max_len; unknown behaviours (oov) stay as masked slots."""
-        items = self._encode("item", history.items, "history.items", allow_unknown=True)[0]
-        categories = self._item_categories(items, history.categories, "history.categories")
-        if history.timestamps is not None:
-            order = np.argsort(np.asarray(history.timestamps, dtype=np.float64), kind="stable")
-            items, categories = items[order], categories[order]
-        return items[-self.max_len:], categories[-self.max_len:]
+
+def _padded(rows: list[np.ndarray], width: int, *, left: bool) -> np.ndarray:
+    """(len(rows), width), each row's values at its right end (`left` padding) or its left end, 0 elsewhere:
+    one boolean-mask assignment (row-major, so each row's values land in order), no loop."""
+    lengths = np.array([len(row) for row in rows])
+    columns = np.arange(width)
+    keep = columns >= (width - lengths)[:, None] if left else columns < lengths[:, None]
+    out = np.zeros((len(rows), width), dtype=np.result_type(*rows))
+    out[keep] = np.concatenate(rows)
+    return out
 
 
 @dataclass(frozen=True)
 class _Encoded:
     """One validated request in internal ids, waiting for its batch."""
 
-    user: int | None             # the prepared user's row, None for an explicit history
-    hist_items: np.ndarray       # (N,) oldest first, N <= max_len; 0 = an unknown behaviour (masked)
-    hist_categories: np.ndarray  # (N,)
+    user: int | None             # the prepared user's row (its history is read with the batch), None: explicit
+    length: int                  # history slots: min(stored, max_len), or the explicit history's after the cut
+    history: dict[str, np.ndarray]  # explicit only: (length,) "items" (0 = unknown, masked), "categories", features
+    user_features: dict[str, int]   # explicit only: code of each user feature the model reads (0 = missing)
+    history_length: int          # behaviours the model sees (unknown ones dropped)
     cand_items: np.ndarray       # (C,)
     cand_categories: np.ndarray  # (C,)
     raw_candidates: np.ndarray   # (C,) object: the ids as sent, for the reply
@@ -272,8 +277,7 @@ class _Encoded:
         """The response body for this request's (C,) click probabilities."""
         best = np.argsort(-probs, kind="stable")[:self.top_k]
         top = TopCandidates(items=self.raw_candidates[best].tolist(), scores=probs[best].tolist())
-        response = ScoreResponse(scores=probs.tolist(), top=top,
-                                 history_length=int(np.count_nonzero(self.hist_items)),
+        response = ScoreResponse(scores=probs.tolist(), top=top, history_length=self.history_length,
                                  unknown_candidates=self.raw_candidates[~self.known].tolist())
         return response.model_dump_json().encode()
 
@@ -339,9 +343,8 @@ def _validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
 def create_app(checkpoint: str | Path, data: str | Path, **settings: Any) -> FastAPI:
     """The service for one checkpoint and the prepared dataset it was trained on.
 
-    `settings` are the other fields of `ServeSettings` (device, max_candidates, max_history,
-    max_body_bytes, unknown, threads, max_batch, batch_wait_ms); `threads` sets torch's process-wide
-    thread count. Raises DataError / ConfigError for a bad checkpoint or dataset."""
+    `settings` are the other fields of `ServeSettings` (device, max_candidates, max_history, max_body_bytes,
+    unknown, threads, max_batch, batch_wait_ms); `threads` sets torch's process-wide thread count. Raises DataError / ConfigError for a bad checkpoint or dataset."""
     config = ServeSettings(checkpoint=Path(checkpoint), data=Path(data), **settings)
     if config.threads is not None:
         torch.set_num_threads(config.threads)
@@ -351,8 +354,14 @@ def create_app(checkpoint: str | Path, data: str | Path, **settings: Any) -> Fas
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # The model, torch, polars and FastAPI leave ~10^5 long-lived objects that every full collection
+        # walks, holding the GIL (100-230 ms pauses measured under load: the p99); freezing them leaves
+        # the collector only what requests allocate.
+        gc.collect()
+        gc.freeze()
         yield
         batcher.close()  # answers the requests already queued
+        gc.unfreeze()  # collectable again once the app is gone (a process that builds several apps: tests)
 
     app = FastAPI(title="darec", summary="CTR scores of candidate items against long user histories",
                   exception_handlers={RequestValidationError: _validation_error}, lifespan=lifespan)

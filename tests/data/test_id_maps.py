@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from darec.data.id_maps import ID_FILES, IdMaps, RawIdError, write_id_maps
+from darec.data.id_maps import ID_FILES, IdMaps, RawIdError, feature_kind, write_id_maps
 from darec.data.pipeline import SHIPPED_MOVIELENS, prepare
 from darec.data.protocol import ProtocolConfig
 from darec.data.readers import read_movielens, read_taobao
@@ -164,3 +164,48 @@ def test_open_checks_the_maps_row_counts(tmp_path):
     pl.DataFrame({"raw": [1, 2], "id": [0, 1]}).write_parquet(data / ID_FILES["user"])
     with pytest.raises(DataError, match="id map has 2 rows, the dataset has 12 users"):
         PreparedDataset.open(data)
+
+
+@settings(max_examples=80, deadline=None)
+@given(stored=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=30, unique=True),
+       asked=st.lists(st.integers(-(2**63), 2**63 - 1), max_size=30), data=st.data())
+def test_integer_arrays_encode_exactly_as_the_general_path(stored, asked, data):
+    """A numpy integer array takes the numpy-only path; it must agree with the same ids given as a list
+    (polars' conversion) on ids, unknown flags and the error it raises."""
+    asked = asked + data.draw(st.lists(st.sampled_from(stored), max_size=30)) if stored else asked
+    asked = data.draw(st.permutations(asked))
+    with tempfile.TemporaryDirectory() as folder:
+        write_id_maps(folder, {"user": pl.Series(stored, dtype=pl.Int64), "item": pl.Series([1]),
+                               "category": pl.Series(["c"])})
+        maps = IdMaps.open(folder)
+        dtypes = [np.int64] + [t for t in (np.int32, np.int8, np.uint32, np.uint8)
+                               if all(np.iinfo(t).min <= v <= np.iinfo(t).max for v in asked)]
+        for dtype in dtypes:
+            array = np.array(asked, dtype=dtype)
+            np.testing.assert_array_equal(maps.encode("user", array, unknown="oov"),
+                                          maps.encode("user", asked, unknown="oov"))
+            np.testing.assert_array_equal(maps.known("user", array), maps.known("user", asked))
+            outcomes = []
+            for raw in (array, asked):
+                try:
+                    outcomes.append(maps.encode("user", raw).tolist())
+                except RawIdError as err:
+                    outcomes.append((str(err), err.position, err.value))
+            assert outcomes[0] == outcomes[1]
+
+
+def test_dictionary_feature_maps_encode_like_ids(tmp_path):
+    """ids/features/NAME.parquet (codes 1..n, 0 = missing) is read under feature_kind(NAME) with the id rules."""
+    write_id_maps(tmp_path, {"user": pl.Series([1]), "item": pl.Series([1]), "category": pl.Series(["c"])})
+    (tmp_path / "ids" / "features").mkdir()
+    pl.DataFrame({"raw": ["b7", "b2"], "id": [1, 2]}).write_parquet(tmp_path / "ids" / "features" / "brand.parquet")
+    maps = IdMaps.open(tmp_path)
+    brand = feature_kind("brand")
+    assert maps.encode(brand, ["b2", "b7"]).tolist() == [2, 1] and maps.raw_dtype(brand) == pl.String
+    assert maps.encode(brand, ["b2", "b9"], unknown="oov").tolist() == [2, 0] and maps.oov_id(brand) == 0
+    assert maps.decode(brand, [0, 2]).to_list() == [None, "b2"]
+    with pytest.raises(RawIdError, match="brand.parquet"):
+        maps.encode(brand, ["b9"])
+    for bad in ("feature:../users", "feature:Brand", "brand"):
+        with pytest.raises(DataError, match="id kind"):
+            maps.encode(bad, ["b2"])
