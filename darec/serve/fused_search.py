@@ -65,12 +65,30 @@ def search_topk_torch(queries: torch.Tensor, keys: torch.Tensor, *, bias: torch.
     """Plain PyTorch: one batched matmul for all candidates of a user, then `topk`.
 
     Returns (scores, index), each (U, C, min(k, N)), best first."""
-    scores = torch.matmul(queries, keys.transpose(1, 2)) * scale                     # (U, C, N)
-    if bias is not None:
-        scores = scores + bias.reshape(-1, 1, keys.shape[1])                         # (U or 1, 1, N)
-    scores = scores.masked_fill(~valid.unsqueeze(1), INVALID_SCORE)                  # (U, C, N)
-    top = scores.topk(min(k, keys.shape[1]), dim=-1)
+    n = valid.shape[1]
+    k = min(k, n)
+    width = _topk_width(n, k, queries.device)
+    offset = bias.reshape(-1, 1, n) if bias is not None else queries.new_zeros(1, 1, n)  # (U or 1, 1, N)
+    if width > n:  # columns scoring -inf, never kept while N >= k: they only let torch's CPU topk take its fast path
+        offset = torch.nn.functional.pad(offset, (0, width - n), value=float("-inf"))
+        keys = torch.nn.functional.pad(keys, (0, 0, 0, width - n))
+        valid = torch.nn.functional.pad(valid, (0, width - n), value=True)
+    scores = torch.baddbmm(offset, queries, keys.transpose(1, 2), alpha=scale)      # bias + scale <q, k>: (U, C, width)
+    top = scores.masked_fill(~valid.unsqueeze(1), INVALID_SCORE).topk(k, dim=-1)
     return top.values, top.indices
+
+
+# torch's CPU topk keeps a heap (a partial sort) only when 64 k <= n and runs a much slower full selection
+# otherwise; up to this many times N, scoring 64 k columns instead is faster (docs/serving.md).
+_CPU_TOPK_PAD_LIMIT = 2.0
+
+
+def _topk_width(n: int, k: int, device: torch.device) -> int:
+    """Columns to score for the top-k of N: 64 k where that takes torch's CPU heap path at a cost below the
+    slow selection's, else N."""
+    if torch.compiler.is_exporting():  # a traced program keeps N symbolic: no branch on it
+        return n
+    return 64 * k if device.type == "cpu" and n < 64 * k <= _CPU_TOPK_PAD_LIMIT * n else n
 
 
 def search_topk(queries: torch.Tensor, keys: torch.Tensor, *, bias: torch.Tensor | None, valid: torch.Tensor,

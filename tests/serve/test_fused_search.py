@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from darec.errors import ConfigError
-from darec.serve.fused_search import INVALID_SCORE, search_topk, search_topk_torch, triton_available
+from darec.serve.fused_search import INVALID_SCORE, _topk_width, search_topk, search_topk_torch, triton_available
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,11 +40,13 @@ def _brute_force(queries, keys, bias, valid, k, scale):
     return out
 
 
-@pytest.mark.parametrize("k", [1, 5, 40])
-def test_torch_path_matches_brute_force(k):
-    queries, keys, bias, valid = _inputs(3, 4, 30, 6)
+@pytest.mark.parametrize(("n", "k"), [(30, 1), (30, 5), (30, 40), (40, 1), (100, 3)])
+def test_torch_path_matches_brute_force(n, k):
+    """(40, 1) and (100, 3) score 64 k columns (torch's CPU topk fast path): the extra ones are never kept."""
+    assert (_topk_width(n, k, torch.device("cpu")) > n) == (n < 64 * k <= 2 * n)
+    queries, keys, bias, valid = _inputs(3, 4, n, 6)
     scores, index = search_topk_torch(queries, keys, bias=bias, valid=valid, k=k, scale=0.5)
-    assert scores.shape == index.shape == (3, 4, min(k, 30))
+    assert scores.shape == index.shape == (3, 4, min(k, n))
     for i, j, order, expected in _brute_force(queries, keys, bias, valid, k, 0.5):
         m = len(order)
         assert index[i, j, :m].tolist() == order
