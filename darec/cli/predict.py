@@ -18,7 +18,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "user's history is searched once for all of its items. The output Parquet "
                                    "holds the input's rows in order plus logit and probability, and appears "
                                    "only when every row is scored.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt, or a `darec train` run directory")
+    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt, a `darec train` run directory, or a `darec export` folder (CPU)")
     p.add_argument("--data", type=Path, required=True, help="the prepared dataset the model was trained on")
     p.add_argument("--input", type=Path, required=True,
                    help=".csv (with header) or .parquet with columns user, item and optional category (raw ids)")

@@ -24,7 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "search pass over the history (darec.Scorer) and prints the best ones. "
                                    "Users, items and categories are raw ids, as in the input log.")
     p.add_argument("--checkpoint", type=Path, required=True,
-                   help="best.pt (or checkpoint.pt) of `darec train`, or the run directory")
+                   help="best.pt (or checkpoint.pt) of `darec train`, the run directory, or a `darec export` folder")
     p.add_argument("--data", type=Path, required=True, help="prepared dataset directory (histories, categories)")
     p.add_argument("--user", required=True, help="raw user id (as in the input log)")
     group = p.add_mutually_exclusive_group()

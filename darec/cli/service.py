@@ -18,7 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="serve a trained checkpoint over HTTP (POST /score, GET /healthz)",
                        description="Loads the model and the prepared dataset once and answers POST /score with "
                                    "click probabilities of candidate items, by raw ids; see docs/serving.md.")
-    p.add_argument("--checkpoint", type=Path, required=True, help="best.pt of `darec train`, or its run directory")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="best.pt of `darec train`, its run directory, or a `darec export` folder (CPU)")
     p.add_argument("--data", type=Path, required=True,
                    help="the prepared dataset the model was trained on (histories, raw-id maps)")
     p.add_argument("--host", default="127.0.0.1",

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import hashlib
 import io
 import json
@@ -49,6 +50,7 @@ from darec.serve.history import DEFAULT_MAX_SCORES, History, resolve_candidates,
 from darec.serve.program_check import INPUT_NAMES, check_input_names, check_program
 
 if TYPE_CHECKING:
+    from darec.models.config import ModelConfig
     from darec.models.two_stage import TwoStageModel
     from darec.serve.scorer import ScorerModule
 
@@ -363,13 +365,22 @@ class ExportedModel:
 
     def __init__(self, *, path: Path, config: dict[str, Any], manifest: dict[str, Any], backend: Backend,
                  inputs: list[dict[str, Any]], run: Callable[..., torch.Tensor], max_scores: int) -> None:
-        self.path, self.config, self.manifest, self.backend = path, config, manifest, backend
+        self.path, self.export_config, self.manifest, self.backend = path, config, manifest, backend
         self.inputs = inputs  # the program's inputs in positional order, each with its name, shape and dtype
         self._run, self.max_scores = run, max_scores
+        self.device = torch.device("cpu")  # where it runs, as `Scorer.device` says
+
+    @functools.cached_property
+    def config(self) -> "ModelConfig":
+        """The model's configuration, as `Scorer.config` (what `darec serve` reads of a model). Imported on
+        first use: scoring alone needs nothing of darec.models."""
+        from darec.models.config import ModelConfig
+
+        return ModelConfig.from_dict(self.export_config["model_config"])
 
     @property
     def min_history(self) -> int:
-        return int(self.config["min_history"])
+        return int(self.export_config["min_history"])
 
     @property
     def features(self) -> dict[str, dict[str, Any]]:
@@ -380,7 +391,7 @@ class ExportedModel:
     def ids_dir(self) -> Path | None:
         """The exported dataset's id maps folder `ids/`, or None (`darec.data.id_maps.IdMaps.open(self.path)`
         reads them: IdMaps opens the folder that holds `ids/`)."""
-        return self.path / "ids" if self.config["dataset"]["ids"] else None
+        return self.path / "ids" if self.export_config["dataset"]["ids"] else None
 
     @torch.inference_mode()
     def logits(self, history: History, cand_items: torch.Tensor, cand_categories: torch.Tensor) -> torch.Tensor:
@@ -428,7 +439,7 @@ class ExportedModel:
 
     def _check_ids(self, h: History, items: torch.Tensor, cats: torch.Tensor) -> None:
         """Ids and codes outside the embedding tables would fail inside the program; name them here instead."""
-        n_items, n_cats = self.config["n_items"], self.config["n_categories"]
+        n_items, n_cats = self.export_config["n_items"], self.export_config["n_categories"]
         codes = [(f"{'user' if spec['kind'] == 'user' else 'history'} feature {name!r}",
                   (h.user_features if spec["kind"] == "user" else h.features)[name], spec["vocabulary"])
                  for name, spec in self.features.items() if spec["dtype"] == "int64"]
@@ -486,7 +497,7 @@ def check_export(path: str | Path) -> dict[str, Any]:
     manifest = _read_manifest(Path(path))
     backends = [b for b in BACKENDS if (PROGRAM if b == "torch" else ONNX_MODEL) in manifest["files"]]
     models = [load_exported(path, backend=backend) for backend in backends]
-    config, features = models[0].config, models[0].features
+    config, features = models[0].export_config, models[0].features
     signature = {"n_items": config["n_items"], "n_categories": config["n_categories"], "inputs": models[0].inputs}
     inputs = _example_inputs(signature, users=2, length=config["min_history"] + 3, candidates=5, seed=2)
     values = {name: value for name, value in zip(features, inputs[len(INPUT_NAMES):], strict=True)}

@@ -28,6 +28,7 @@ from darec.data.loader import history_features, history_index
 from darec.data.store import PreparedDataset
 from darec.errors import ConfigError, DataError
 from darec.io import atomic_file
+from darec.serve.export import ExportedModel, is_export_dir, load_exported
 from darec.serve.scorer import History, Scorer
 
 __all__ = ["predict_file", "checkpoint_file", "load_scorer", "user_histories", "score_pairs",
@@ -53,12 +54,24 @@ def checkpoint_file(path: str | Path) -> Path:
     return path
 
 
-def load_scorer(checkpoint: str | Path, dataset: PreparedDataset, *, device: str = "cpu") -> Scorer:
-    """The checkpoint's Scorer; ConfigError unless it was trained on `dataset`'s vocabularies."""
+def load_scorer(checkpoint: str | Path, dataset: PreparedDataset, *, device: str = "cpu") -> Scorer | ExportedModel:
+    """The checkpoint's Scorer, or for a `darec export` folder its program (`ExportedModel`, CPU); ConfigError
+    unless it was trained on `dataset`'s vocabularies (an export also records the dataset's content hash,
+    which must match)."""
     from darec.train.trainer import resolve_device
 
-    checkpoint = checkpoint_file(checkpoint)
-    scorer = Scorer.load(checkpoint, device=resolve_device(device), item_features=dataset.item_features)
+    if is_export_dir(Path(checkpoint)):
+        scorer: Scorer | ExportedModel = load_exported(checkpoint)
+        if device != "auto" and torch.device(device).type != "cpu":  # "auto" is the CPU for an export
+            raise ConfigError(f"an export runs on CPU (torch.export program / onnxruntime), not on {device}; "
+                              "serve the training run's checkpoint to use a GPU")
+        recorded, content = scorer.export_config["dataset"]["content_sha256"], dataset.manifest.get("content_sha256")
+        if recorded and recorded != content:
+            raise ConfigError(f"export {checkpoint} was made with another dataset (content hash {recorded[:12]}..., "
+                              f"dataset {dataset.path} has {str(content)[:12]}...): serve it with that dataset")
+    else:
+        checkpoint = checkpoint_file(checkpoint)
+        scorer = Scorer.load(checkpoint, device=resolve_device(device), item_features=dataset.item_features)
     for what in ("n_items", "n_categories"):
         trained, here = getattr(scorer.config, what), getattr(dataset, what)
         if trained != here:

@@ -6,6 +6,7 @@ stored user scored from the export equals `darec serve`'s reply. Numeric feature
 table) go through the same inputs."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -76,7 +77,7 @@ def _random_batch(g: torch.Generator, spec: dict, u: int, n: int, c: int) -> tup
 
 
 def _spec(exported) -> dict:
-    return {"n_items": exported.config["n_items"], "n_categories": exported.config["n_categories"],
+    return {"n_items": exported.config.n_items, "n_categories": exported.config.n_categories,
             "features": exported.features}
 
 
@@ -237,13 +238,50 @@ def test_a_stored_user_scores_like_darec_serve(trained, side_data):
     raw_items = ids.decode("item", np.arange(1, 11)).to_list()
     items = torch.from_numpy(ids.encode("item", raw_items)).repeat(len(users), 1)
     cats = torch.from_numpy(np.asarray(side_data.item_categories, dtype=np.int64))[items]
-    history = user_histories(side_data, np.array(users), exported.config["max_len"])
+    history = user_histories(side_data, np.array(users), exported.config.max_len)
     probabilities = exported.score(history, items, cats)
     with TestClient(create_app(run, side_data.path)) as client:
         for row, user in enumerate(ids.decode("user", users).to_list()):
             reply = client.post("/score", json={"user": user, "candidates": {"items": raw_items}})
             assert reply.status_code == 200, reply.text
             assert reply.json()["scores"] == pytest.approx(probabilities[row].tolist(), abs=1e-6)
+
+
+def test_serve_predict_and_score_run_from_the_export_folder(trained, side_data, tmp_path):
+    """`--checkpoint EXPORT_DIR`: darec serve, predict and score run the exported program (no checkpoint, no
+    model code) and answer what the training run answers; a GPU device or another dataset is one line."""
+    import polars as pl
+    from fastapi.testclient import TestClient
+
+    from darec.data.id_maps import IdMaps
+    from darec.serve.app import create_app
+    from darec.serve.export import ExportedModel
+
+    run, out = trained["dare"]
+    assert isinstance(load_scorer(out, side_data), ExportedModel)
+    ids = IdMaps.open(side_data.path)
+    users, raw_items = ids.decode("user", [2, 9]).to_list(), ids.decode("item", np.arange(1, 40, 3)).to_list()
+    replies = {}
+    for source in (run, out):
+        with TestClient(create_app(source, side_data.path)) as client:
+            replies[source] = [client.post("/score", json={"user": u, "candidates": {"items": raw_items}}).json()
+                               for u in users]
+    for from_run, from_export in zip(replies[run], replies[out], strict=True):
+        assert from_export["scores"] == pytest.approx(from_run["scores"], abs=1e-6)
+        assert np.std(from_run["scores"]) > 1e-4
+    rows = tmp_path / "rows.csv"
+    pl.DataFrame({"user": np.repeat(users, len(raw_items)), "item": raw_items * len(users)}).write_csv(rows)
+    for source, name in ((run, "run"), (out, "export")):
+        assert main(["predict", "--checkpoint", str(source), "--data", str(side_data.path), "--input", str(rows),
+                     "--out", str(tmp_path / f"{name}.parquet")]) == 0
+    np.testing.assert_allclose(pl.read_parquet(tmp_path / "export.parquet")["probability"].to_numpy(),
+                               pl.read_parquet(tmp_path / "run.parquet")["probability"].to_numpy(), rtol=0, atol=1e-6)
+    with pytest.raises(ConfigError, match="an export runs on CPU"):
+        load_scorer(out, side_data, device="cuda")
+    other = prepare_synthetic(dataclasses.replace(SIDE, seed=SIDE.seed + 1), out=tmp_path / "other",
+                              config=ProtocolConfig(max_len=MAX_LEN))  # the same vocabularies, other events
+    with pytest.raises(ConfigError, match="made with another dataset"):
+        load_scorer(out, other)
 
 
 NUMERIC = (FeatureField("brand", 6, "item"), FeatureField("price", 1, "item", numeric=True),
