@@ -119,7 +119,7 @@ def test_numpy_and_torch_gathers_agree_on_values(dataset):
     """The on-device loader runs the same gather on float tensors: the same values as numpy."""
     ds, _ = dataset
     samples = ds.split("val")
-    offsets = np.asarray(ds.offsets)
+    offsets = np.array(ds.offsets)  # a writable copy: torch.from_numpy below
     users, cuts = samples["user"].astype(np.int64), samples["cut"].astype(np.int64)
     events = {n: np.asarray(a) for n, a in ds.event_features.items()}
     index, mask = history_index(offsets, users, cuts, 5)
