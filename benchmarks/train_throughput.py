@@ -34,6 +34,7 @@ from darec.io import write_json
 from darec.models import build_model, preset_config
 from darec.train.config import TrainConfig
 from darec.train import distributed
+from darec.train.allocator import keep_freed_memory
 from darec.train.trainer import Optimizers, regularised_weights, resolve_device, train_step
 
 __all__ = ["random_dataset", "measure", "main"]
@@ -79,6 +80,7 @@ def measure(dataset: PreparedDataset, config: TrainConfig, *, warmup: int, steps
     device = resolve_device(config.device)
     torch.use_deterministic_algorithms(config.deterministic, warn_only=True)
     torch.manual_seed(config.seed)
+    keep_freed_memory()  # as `darec train` does
     model_config = preset_config(config.preset, n_items=dataset.n_items, n_categories=dataset.n_categories,
                                  **{"max_len": config.max_len or dataset.max_len, **config.model})
     model = build_model(model_config).to(device)

@@ -266,7 +266,7 @@ class BatchLoader:
             users, cuts, items = (rows[k].astype(np.int64) for k in ("user", "cut", "item"))
         slots, mask = history_index(self._csr[0], users, cuts, self.max_len)  # (B, L), shared by every field
         hist_items, hist_cats = (self._tensor(_take(values, slots, mask)) for values in self._csr[1:])
-        positions = self._positions.expand(len(index), -1).contiguous()  # (B, L), same for every row
+        positions = self._positions.expand(len(index), -1)  # (B, L), same for every row: a stride-0 view
         sets = torch.from_numpy(np.unique(_request_keys(rows), return_inverse=True)[1].reshape(-1))
         return Batch(hist_items=hist_items, hist_categories=hist_cats, hist_positions=positions,
                      mask=mask if self._on_device else torch.from_numpy(mask),

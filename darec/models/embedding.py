@@ -25,7 +25,9 @@ import torch
 from torch import nn
 
 from darec.errors import ConfigError
+from darec.models.batched import weighted_sum
 from darec.models.config import BASE_FIELDS, ROLES, TABLE_LAYOUTS, FeatureField, ModelConfig
+from darec.models.table import Table
 
 __all__ = ["RoleEmbeddings", "TableSet", "RoleLookup"]
 
@@ -54,12 +56,12 @@ class TableSet(nn.Module):
     def __init__(self, *, n_items: int, n_categories: int, n_positions: int, dim: int,
                  use_position: bool, features: Mapping[str, int] | None = None) -> None:
         super().__init__()
-        self.item = nn.Embedding(n_items, dim)
-        self.category = nn.Embedding(n_categories, dim)
-        self.position = nn.Embedding(n_positions, dim) if use_position else None
-        self.features = nn.ModuleDict({name: nn.Embedding(rows, dim) for name, rows in (features or {}).items()})
+        self.item = Table(n_items, dim)
+        self.category = Table(n_categories, dim)
+        self.position = Table(n_positions, dim) if use_position else None
+        self.features = nn.ModuleDict({name: Table(rows, dim) for name, rows in (features or {}).items()})
 
-    def table(self, field: str) -> nn.Embedding:
+    def table(self, field: str) -> Table:
         return getattr(self, field) if field in BASE_FIELDS else self.features[field]
 
 
@@ -136,22 +138,32 @@ class RoleEmbeddings(nn.Module):
                               f"(carried: {sorted(features or {}) or 'none'})")
         return features[name]
 
-    def _semantic_fields(self, role: str, items: torch.Tensor, categories: torch.Tensor,
-                         features: Codes | None) -> list[torch.Tensor]:
+    def semantic_fields(self, role: str, items: torch.Tensor, categories: torch.Tensor,
+                        features: Codes | None = None) -> list[torch.Tensor]:
+        """The parts of `semantic`, each (..., d): item, category, item features."""
         parts = [self._field(role, "item", items), self._field(role, "category", categories)]
         return parts + [self._field(role, n, self._codes(features, n)) for n in self.item_features]
 
     def _token_fields(self, role: str, items: torch.Tensor, categories: torch.Tensor, positions: torch.Tensor,
                       features: Codes | None) -> list[torch.Tensor]:
-        parts = self._semantic_fields(role, items, categories, features)
+        parts = self.semantic_fields(role, items, categories, features)
         if self.use_position:
-            parts.append(self._field(role, "position", positions.clamp(max=self.max_position)))
+            parts.append(self._positions(role, positions))
         return parts + [self._field(role, n, self._codes(features, n)) for n in self.token_context]
+
+    def _positions(self, role: str, positions: torch.Tensor) -> torch.Tensor:
+        """The position field (..., d). Positions shared by every row, as the loader hands them (one (L,) row
+        expanded, stride 0), are looked up once: an expanded (B, L, d) view of L rows, which `weighted_sum`
+        reduces with one matrix product and whose gradient is L rows, not B L."""
+        if positions.dim() == 2 and positions.stride(0) == 0:
+            return self._field(role, "position", positions[0].clamp(max=self.max_position)).expand(
+                positions.shape[0], -1, -1)
+        return self._field(role, "position", positions.clamp(max=self.max_position))
 
     def semantic(self, role: str, items: torch.Tensor, categories: torch.Tensor,
                  features: Codes | None = None) -> torch.Tensor:
         """[item; category; item features] of a role: (..., (2 + n) d). `features`: codes by name."""
-        return torch.cat(self._semantic_fields(role, items, categories, features), -1)
+        return torch.cat(self.semantic_fields(role, items, categories, features), -1)
 
     def token(self, role: str, items: torch.Tensor, categories: torch.Tensor,
               positions: torch.Tensor, features: Codes | None = None) -> torch.Tensor:
@@ -222,7 +234,7 @@ class RoleEmbeddings(nn.Module):
         every candidate keeps its own K, that tensor is the largest one and its concatenation the
         costliest step."""
         fields = self._token_fields("value", items, categories, positions, features)
-        return torch.cat([torch.einsum("...k,...kd->...d", weights, field) for field in fields], -1)
+        return torch.cat([weighted_sum(weights, field) for field in fields], -1)
 
     def user(self, features: Codes | None = None) -> torch.Tensor | None:
         """[user features] from the target role's tables: (B, n_user d_R), None without user features."""

@@ -19,6 +19,7 @@ from torch import nn
 from darec.data.batch import Batch
 from darec.errors import ConfigError
 from darec.registry import registrar
+from darec.models.batched import row_dots
 from darec.models.config import ModelConfig
 from darec.models.embedding import RoleEmbeddings
 
@@ -51,12 +52,15 @@ def masked_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
 
 class DotScore(nn.Module):
     """TWIN/DARE score: <q, k> / sqrt(D) on [item; category; item features] (D = (2 + n) d_A) plus a learned
-    bias per position and per code of every context feature in the score (time gap, behaviour type)."""
+    bias per position and per code of every context feature in the score (time gap, behaviour type).
+
+    The dot product is summed field by field, so the (B, L, D) key tensor is never concatenated."""
 
     def forward(self, emb: RoleEmbeddings, batch: Batch) -> torch.Tensor:
-        query = emb.semantic("query", batch.target_item, batch.target_category, batch.target_features)  # (B, D)
-        keys = emb.semantic("key", batch.hist_items, batch.hist_categories, batch.hist_features)        # (B, L, D)
-        scores = torch.einsum("bd,bld->bl", query, keys) / math.sqrt(query.shape[-1])  # (B, L)
+        queries = emb.semantic_fields("query", batch.target_item, batch.target_category, batch.target_features)
+        keys = emb.semantic_fields("key", batch.hist_items, batch.hist_categories, batch.hist_features)
+        width = sum(q.shape[-1] for q in queries)                                      # D
+        scores = sum(row_dots(q, k) for q, k in zip(queries, keys)) / math.sqrt(width)  # (B, L)
         bias = emb.score_bias(batch.hist_positions, batch.hist_features)              # (B, L) or None
         if bias is not None:
             scores = scores + bias
@@ -115,13 +119,15 @@ def attend(emb: RoleEmbeddings, batch: Batch, logits: torch.Tensor, index: torch
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax the logits at `index` (all positions when None) and sum the value tokens there.
 
-    Values are looked up only at the kept positions, so the representation path costs O(B K E)."""
+    Values are looked up only at the kept positions, so the representation path costs O(B K E); they are
+    summed field by field (`weighted_values`), never joined into (B, K, E) tokens."""
     if index is not None:
         batch = batch.take_history(index)                                           # (B, K) fields
         logits = logits.gather(1, index)                                            # (B, K)
     weights = masked_softmax(logits, batch.mask)                                    # (B, K)
-    values = emb.values(batch.hist_items, batch.hist_categories, batch.hist_positions, batch.hist_features)  # (B, K, E)
-    return torch.einsum("bk,bke->be", weights, values), weights
+    r = emb.weighted_values(weights, batch.hist_items, batch.hist_categories, batch.hist_positions,
+                            batch.hist_features)                                    # (B, E)
+    return r, weights
 
 
 class TargetAttention(nn.Module):

@@ -147,14 +147,19 @@ def _shuffled_history(dataset: PreparedDataset) -> PreparedDataset:
     return PreparedDataset(dataset.path, dataset.manifest, arrays, {s: dataset.split(s) for s in ("train", "val", "test")})
 
 
-@pytest.mark.parametrize(("preset", "threshold"), [("ifa", 0.88), ("ifa_no_set", 0.81)])
+@pytest.mark.parametrize(("preset", "threshold"), [("ifa", 0.875), ("ifa_no_set", 0.81)])
 def test_ifa_learns_the_planted_signal_that_shuffled_histories_lack(easy_planted_dir, tmp_path, preset, threshold):
     """Shuffled histories leave the item prior (negatives are items the user never clicked) and, with the
-    candidate attention, the set itself (one positive per set): measured 0.87 with it, 0.78 without, so
-    each threshold sits between that and what the real histories add (docs/ifa.md)."""
-    config = TrainConfig(preset=preset, batch_size=256, epochs=3, model={"dim": 8}, device="cpu", threads=1)
+    candidate attention, the set itself (one positive per set): mean test AUC over seeds 1-3 measured 0.865
+    with it, 0.774 without, so each threshold sits between that and what the real histories add (0.882 and
+    0.845; docs/ifa.md). Three seeds, because one seed's margin for `ifa` was as small as 0.004."""
     dataset = PreparedDataset.open(easy_planted_dir)
-    real = train(data=dataset, config=config, out_dir=tmp_path / "real", progress=False)["test"]["auc"]
-    shuffled = train(data=_shuffled_history(dataset), config=config, out_dir=tmp_path / "shuffled",
-                     progress=False)["test"]["auc"]
-    assert real >= threshold > shuffled, (real, shuffled)
+    real, shuffled = [], []
+    for seed in (1, 2, 3):
+        config = TrainConfig(preset=preset, batch_size=256, epochs=3, model={"dim": 8}, device="cpu", threads=1,
+                             seed=seed)
+        real.append(train(data=dataset, config=config, out_dir=tmp_path / f"real{seed}", progress=False)["test"]["auc"])
+        shuffled.append(train(data=_shuffled_history(dataset), config=config, out_dir=tmp_path / f"shuffled{seed}",
+                              progress=False)["test"]["auc"])
+    assert np.mean(real) >= threshold > np.mean(shuffled), (real, shuffled)
+    assert all(r > s for r, s in zip(real, shuffled)), (real, shuffled)
