@@ -42,6 +42,7 @@ class RowSparseAdam(torch.optim.Optimizer):
         self._collectors = dict(collectors or {})
         self._scratch: dict[torch.nn.Parameter, _Scratch] = {}  # CPU kernels' buffers per table
         self._pool: ThreadPoolExecutor | None = None               # one thread per share of a table's rows
+        self._pool_size = 0
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Also drops rows collected by a backward pass that no step consumed."""
@@ -97,8 +98,11 @@ class RowSparseAdam(torch.optim.Optimizer):
         if shares == 1:
             update_share(0)
         else:
-            if self._pool is None or self._pool._max_workers != shares:
+            if self._pool_size != shares:
+                if self._pool is not None:
+                    self._pool.shutdown()
                 self._pool = ThreadPoolExecutor(max_workers=shares, thread_name_prefix="row-sparse-adam")
+                self._pool_size = shares
             list(self._pool.map(update_share, range(shares)))  # the kernels release the GIL
 
 

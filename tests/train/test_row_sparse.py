@@ -64,14 +64,17 @@ def _random_pieces(rng: np.random.Generator, table_rows: int, sizes: list[int], 
 
 
 def _step_with_kernels(threads: int, pieces, weight: torch.Tensor, steps: int = 3):
-    """`steps` CPU-kernel Adam steps (numba with `threads` threads) from fresh moments; returns (w, m, v)."""
+    """`steps` CPU-kernel Adam steps (numba, `threads` shares) on the same collected pieces each step, from
+    fresh moments; returns (w, m, v)."""
     table = torch.nn.Parameter(weight.clone())
-    opt = RowSparseAdam([table], lr=0.01)
+    collector = RowGradients()
+    opt = RowSparseAdam([table], lr=0.01, collectors={table: collector})
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         for _ in range(steps):
-            opt._pieces = lambda param, p=pieces: list(p)  # the same pieces every step
+            for ids, grads in pieces:
+                collector.add(ids, grads)
             opt.step()
     finally:
         torch.set_num_threads(previous)
