@@ -82,14 +82,16 @@ class RowSparseAdam(torch.optim.Optimizer):
 
         shares = torch.get_num_threads()
         owned = sum(owned_counts(ids.numpy(), param.shape[0], shares) for ids, _ in pieces)
+        starts = np.cumsum(owned) - owned                                   # each share's block of slots
+        capacity = int(owned.sum())
         scratch = self._scratch.get(param)
-        if scratch is None or len(scratch.rows) < owned.sum():
-            scratch = self._scratch[param] = _Scratch(param.shape[0], int(owned.sum()), param.shape[1])
+        if scratch is None or len(scratch.rows) < capacity:
+            scratch = self._scratch[param] = _Scratch(param.shape[0], capacity, param.shape[1])
         arrays = [(ids.numpy(), grads.contiguous().numpy()) for ids, grads in pieces]
         weight, m, v, f32 = param.detach().numpy(), exp_avg.numpy(), exp_avg_sq.numpy(), np.float32
 
         def update_share(share: int) -> None:
-            start = free = int(owned[:share].sum())                   # the share's block of slots
+            start = free = int(starts[share])
             for ids, grads in arrays:
                 free = sum_rows(ids, grads, scratch.slot_of, scratch.rows, scratch.sums, free, share, shares)
             adam_rows(weight, m, v, scratch.rows[start:free], scratch.sums[start:free], f32(rate1), f32(rate2),
